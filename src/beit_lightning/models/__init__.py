@@ -1,0 +1,6 @@
+"""Plain ``nn.Module`` models (no Lightning): BEiT for masked image modeling and the tokenizers."""
+
+from .beit import PRETRAIN_BACKBONE_DEFAULTS, BeitForMaskedImageModeling, beit_init_
+from .tokenizers import DallETokenizer, VisualTokenizer
+
+__all__ = ["PRETRAIN_BACKBONE_DEFAULTS", "BeitForMaskedImageModeling", "DallETokenizer", "VisualTokenizer", "beit_init_"]

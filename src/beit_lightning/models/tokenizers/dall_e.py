@@ -1,0 +1,238 @@
+"""OpenAI's DALL-E discrete VAE encoder, the tokenizer of BEiT.
+
+The module layout reproduces OpenAI's ``dall_e`` package (``blocks.input``,
+``blocks.group_N.block_M.{id_path,res_path.conv_K}``, ``blocks.output.conv``, each conv holding
+parameters ``w`` and ``b``), so the published ``encoder.pkl`` loads with a strict state-dict
+match. That file is a pickled ``dall_e.encoder.Encoder`` module. :meth:`DallETokenizer.from_openai`
+reads it with PyTorch's weights-only unpickler, allowing exactly the classes such a file holds
+and mapping them to inert stand-ins: no code from the file runs and the ``dall_e`` package is
+not needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import VisualTokenizer
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """DALL-E's input mapping of [0, 1] pixels into [eps, 1 - eps]."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    return torch.clamp((x - eps) / (1 - 2 * eps), 0, 1)
+
+
+class DallEConv2d(nn.Module):
+    """A 'same'-padded convolution with parameters named ``w`` and ``b`` as in ``dall_e``."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int) -> None:
+        super().__init__()
+        if kw % 2 != 1:
+            raise ValueError(f"kernel width must be odd; got {kw}")
+        self.kw = kw
+        self.w = nn.Parameter(torch.empty(n_out, n_in, kw, kw))
+        self.b = nn.Parameter(torch.zeros(n_out))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.w.normal_(std=1 / math.sqrt(self.w.shape[1] * self.kw**2))
+            self.b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+
+
+class DallEEncoderBlock(nn.Module):
+    """Residual block: identity (or 1x1 conv) path plus a gain-scaled 4-conv bottleneck path."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers**2)
+        self.id_path = DallEConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            OrderedDict(
+                [
+                    ("relu_1", nn.ReLU()),
+                    ("conv_1", DallEConv2d(n_in, n_hid, 3)),
+                    ("relu_2", nn.ReLU()),
+                    ("conv_2", DallEConv2d(n_hid, n_hid, 3)),
+                    ("relu_3", nn.ReLU()),
+                    ("conv_3", DallEConv2d(n_hid, n_hid, 3)),
+                    ("relu_4", nn.ReLU()),
+                    ("conv_4", DallEConv2d(n_hid, n_out, 1)),
+                ]
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DallEEncoder(nn.Module):
+    """The dVAE encoder: 7x7 stem, four groups of residual blocks (three 2x max-pools), 1x1 logits.
+
+    Widths are ``n_hid`` x (1, 2, 4, 8); the grid is the input side / 8.
+    """
+
+    group_count = 4
+
+    def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192, input_channels: int = 3):
+        super().__init__()
+        if n_hid < 4 or n_hid % 4:
+            raise ValueError(f"n_hid must be a positive multiple of 4; got {n_hid}")
+        self.n_hid, self.n_blk_per_group = n_hid, n_blk_per_group
+        self.vocab_size, self.input_channels = vocab_size, input_channels
+        n_layers = self.group_count * n_blk_per_group
+        widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
+        layers: list[tuple[str, nn.Module]] = [("input", DallEConv2d(input_channels, n_hid, 7))]
+        for g in range(1, self.group_count + 1):
+            group: list[tuple[str, nn.Module]] = []
+            for i in range(n_blk_per_group):
+                n_in = widths[g - 1] if i == 0 else widths[g]
+                group.append((f"block_{i + 1}", DallEEncoderBlock(n_in, widths[g], n_layers)))
+            if g < self.group_count:
+                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(8 * n_hid, vocab_size, 1))]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"expected B x {self.input_channels} x H x W input; got {tuple(x.shape)}")
+        return self.blocks(x)
+
+
+class DallETokenizer(VisualTokenizer):
+    """DALL-E dVAE encoder as a BEiT tokenizer: ``encode`` maps pixels, runs the encoder, takes argmax.
+
+    Args:
+        n_hid, n_blk_per_group, vocab_size, input_channels: encoder size (OpenAI: 256, 2, 8192, 3).
+        image_size: side of the tokenizer view (BEiT: 112 for a 14x14 grid).
+        seed: seed of the initial weights, so that an untrained encoder is reproducible.
+    """
+
+    downsample = 8
+
+    def __init__(
+        self,
+        n_hid: int = 256,
+        n_blk_per_group: int = 2,
+        vocab_size: int = 8192,
+        input_channels: int = 3,
+        image_size: int = 112,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size % self.downsample:
+            raise ValueError(f"image_size must be a multiple of {self.downsample}; got {image_size}")
+        self.vocab_size = vocab_size
+        self.image_size = image_size
+        if seed is None:
+            self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size, input_channels)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size, input_channels)
+
+    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(map_pixels(images))
+
+    @classmethod
+    def from_openai(cls, path: str | os.PathLike, image_size: int = 112, map_location: Any = "cpu") -> DallETokenizer:
+        """Load OpenAI's published ``encoder.pkl`` without the ``dall_e`` package and without
+        running any code from the file."""
+        state, sizes = read_openai_encoder(path, map_location=map_location)
+        tokenizer = cls(image_size=image_size, **sizes)
+        tokenizer.encoder.load_state_dict(state, strict=True)
+        return tokenizer
+
+
+# --- reading OpenAI's pickled encoder --------------------------------------------------------
+
+class _PickledModule:
+    """Inert holder of the attributes of one pickled module; no method of the original runs."""
+
+    pickled_name = ""
+
+    def __setstate__(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"unexpected state of type {type(state).__name__} for {self.pickled_name}")
+        self.__dict__.update(state)
+
+
+#: the classes that OpenAI's encoder.pkl holds (besides tensors, OrderedDict and torch.device)
+OPENAI_ENCODER_CLASSES = (
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.linear.Identity",
+)
+_STAND_INS = {
+    name: type(f"Pickled_{name.rsplit('.', 1)[-1]}", (_PickledModule,), {"pickled_name": name})
+    for name in OPENAI_ENCODER_CLASSES
+}
+
+
+def _flatten_parameters(node: _PickledModule, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, param in (getattr(node, "_parameters", None) or {}).items():
+        if param is not None:
+            out[prefix + name] = param.detach()
+    for name, child in (getattr(node, "_modules", None) or {}).items():
+        if child is not None:
+            out.update(_flatten_parameters(child, f"{prefix}{name}."))
+    return out
+
+
+def read_openai_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Return ``(state_dict, sizes)`` of OpenAI's pickled dVAE encoder at ``path``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the offending
+    global for any file that holds something other than an OpenAI encoder.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DALL-E encoder file not found: {path!r} (OpenAI publishes it as encoder.pkl)")
+    allowed = [(cls, name) for name, cls in _STAND_INS.items()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            root = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        reason = re.sub(r"\. Please use .*", "", lines[0]) if lines else str(err).splitlines()[0]
+        raise ValueError(
+            f"refusing to load {path!r}: it is not an OpenAI DALL-E encoder.pkl or it holds objects such a file "
+            f"never holds ({reason}). Only these classes are accepted: "
+            f"{', '.join(OPENAI_ENCODER_CLASSES)}. For the decoder or other files, use the matching loader."
+        ) from None
+    if getattr(root, "pickled_name", None) != "dall_e.encoder.Encoder":
+        raise ValueError(f"{path!r} does not hold a dall_e.encoder.Encoder (found {type(root).__name__})")
+    state = {f"blocks.{k}" if not k.startswith("blocks.") else k: v for k, v in _flatten_parameters(root).items()}
+    try:
+        n_hid, input_channels = state["blocks.input.w"].shape[:2]
+        vocab_size = state["blocks.output.conv.w"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"{path!r} lacks the encoder parameter {err.args[0]}; is it a DALL-E encoder?") from None
+    n_blk_per_group = sum(1 for k in state if k.startswith("blocks.group_1.") and k.endswith("res_path.conv_1.w"))
+    sizes = dict(n_hid=int(n_hid), n_blk_per_group=n_blk_per_group, vocab_size=int(vocab_size), input_channels=int(input_channels))
+    return {k: v.float() for k, v in state.items()}, sizes
