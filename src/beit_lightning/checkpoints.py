@@ -1,0 +1,182 @@
+"""Load BEiT weights from any of the formats users hold, into our models or a timm ``Beit``.
+
+Accepted sources (a path or an already loaded object):
+
+* our Lightning checkpoints (``{"state_dict": {"model.backbone.blocks.0...": ...}, ...}``);
+  the frozen tokenizer's weights (``tokenizer.*``) are not part of the model and are skipped;
+* the official BEiT release (``{"model": state_dict}``): pre-training checkpoints with
+  ``mask_token``, ``lm_head.*`` and the shared ``rel_pos_bias.*``, and fine-tuned ones;
+* plain timm ``Beit`` state dicts and our own ``BeitForMaskedImageModeling`` state dicts.
+
+All of them are first brought to one flat naming (timm's, which is also the official one:
+``blocks.N.*``, ``rel_pos_bias.*``, ``mask_token``, ``lm_head.*``) and then mapped onto the
+target model. A shared relative position bias is copied into every block when the target has
+per-block tables. Every problem (missing keys, unexpected keys, shape mismatches) is collected
+and reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.models.beit import Beit
+from torch import nn
+
+from .models.beit import BeitForMaskedImageModeling
+
+__all__ = ["CheckpointMismatchError", "LoadResult", "load_checkpoint", "read_state_dict", "to_flat_beit_state_dict"]
+
+#: keys that only a masked-image-modeling model has
+MIM_ONLY_PREFIXES = ("mask_token", "lm_head.")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model; the message lists every offending key."""
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_checkpoint` did: keys it could not fill, keys it did not use, keys dropped
+    on purpose (e.g. the LM head when loading a pre-trained checkpoint into a classifier)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def report(self) -> str:
+        lines = [f"checkpoint format: {self.source}"]
+        if self.missing:
+            lines.append(f"missing in checkpoint ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"not used by the model ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        if self.mismatched:
+            lines.append(
+                "shape mismatch (checkpoint vs model): "
+                + ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched)
+            )
+        if self.dropped:
+            lines.append(f"dropped on purpose ({len(self.dropped)}): {', '.join(self.dropped)}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any], weights_only: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """Return ``(state_dict, format)`` from a checkpoint path or a loaded checkpoint object.
+
+    ``format`` is one of ``"lightning"``, ``"official"`` or ``"state_dict"``. Lightning
+    checkpoints have their task prefix (``model.``) removed and the tokenizer dropped.
+    """
+    obj = path_or_state_dict
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path!r} holds objects other than tensors and plain containers, so it was not loaded "
+                f"({str(err).splitlines()[0]}). If you trust its source, pass weights_only=False."
+            ) from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"a checkpoint must be a dict-like state dict; got {type(obj).__name__}")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        state = {}
+        for key, value in obj["state_dict"].items():
+            if key.startswith("tokenizer."):
+                continue
+            state[key[len("model.") :] if key.startswith("model.") else key] = value
+        return state, "lightning"
+    for wrapper in ("model", "module", "model_ema"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            return dict(obj[wrapper]), "official"
+    return dict(obj), "state_dict"
+
+
+def to_flat_beit_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm/official naming: strip ``backbone.``/``module.`` prefixes, drop derived index buffers."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.endswith("relative_position_index") or key.endswith(".k_bias"):
+            continue
+        out[key] = value
+    return out
+
+
+def _expand_shared_rel_pos_bias(flat: dict[str, torch.Tensor], target_keys: set[str], dropped: list[str]) -> None:
+    """Copy a shared relative position table into every block when the target has per-block tables."""
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if shared in flat and shared not in target_keys:
+        blocks = sorted(
+            {k.split(".")[1] for k in target_keys if k.startswith("blocks.") and k.endswith("attn.relative_position_bias_table")},
+            key=int,
+        )
+        if blocks:
+            table = flat.pop(shared)
+            dropped.append(f"{shared} (copied into {len(blocks)} blocks)")
+            for i in blocks:
+                flat.setdefault(f"blocks.{i}.attn.relative_position_bias_table", table.clone())
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    weights_only: bool = True,
+) -> LoadResult:
+    """Load BEiT weights into ``model`` (a :class:`BeitForMaskedImageModeling` or a timm ``Beit``).
+
+    With ``strict=True`` any missing key, unused key or shape mismatch raises
+    :class:`CheckpointMismatchError` listing all of them, and the model is left untouched.
+    Keys that cannot apply to the target kind (the LM head and mask token when loading into a
+    plain backbone) are dropped and reported, not errors.
+    """
+    state, source = read_state_dict(path_or_state_dict, weights_only=weights_only)
+    flat = to_flat_beit_state_dict(state)
+    result = LoadResult(source=source)
+
+    if isinstance(model, BeitForMaskedImageModeling):
+        target = model.backbone
+        head = {k: flat.pop(k) for k in list(flat) if k.startswith(MIM_ONLY_PREFIXES)}
+    elif isinstance(model, Beit):
+        target = model
+        head = {}
+        for key in [k for k in flat if k.startswith(MIM_ONLY_PREFIXES)]:
+            flat.pop(key)
+            result.dropped.append(key)
+    else:
+        raise TypeError(f"load_checkpoint expects a BeitForMaskedImageModeling or a timm Beit; got {type(model).__name__}")
+
+    target_state = target.state_dict()
+    _expand_shared_rel_pos_bias(flat, set(target_state), result.dropped)
+    if isinstance(model, BeitForMaskedImageModeling):
+        flat = {**{f"backbone.{k}": v for k, v in flat.items()}, **head}
+        target_state = model.state_dict()
+
+    to_load = {}
+    for key, value in flat.items():
+        if key not in target_state:
+            result.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target_state[key].shape):
+            result.mismatched.append((key, tuple(value.shape), tuple(target_state[key].shape)))
+        else:
+            to_load[key] = value
+    result.missing = [k for k in target_state if k not in flat]
+
+    if strict and (result.missing or result.unexpected or result.mismatched):
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit {type(model).__name__}:\n{result.report()}\n"
+            "Check that the model configuration (size, patch size, image size, vocab size, position "
+            "embedding kind) matches the checkpoint, or pass strict=False to load the matching part."
+        )
+    model.load_state_dict(to_load, strict=False)
+    return result

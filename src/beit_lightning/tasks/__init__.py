@@ -1,0 +1,5 @@
+"""LightningModules, one per training task."""
+
+from .pretraining import MaskedImageModeling, NonFiniteLossError
+
+__all__ = ["MaskedImageModeling", "NonFiniteLossError"]
