@@ -1,6 +1,6 @@
 """Data: blockwise masking, the BEiT two-view transform, generated data and DataModules."""
 
-from .datamodule import BeitDataModule, GeneratedDataModule
+from .datamodule import BeitDataModule, GeneratedDataModule, ImageFolderDataModule
 from .generated import CLASS_NAMES, GeneratedImages
 from .masking import BlockwiseMaskGenerator
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BeitPretrainTransform
@@ -14,4 +14,5 @@ __all__ = [
     "BlockwiseMaskGenerator",
     "GeneratedDataModule",
     "GeneratedImages",
+    "ImageFolderDataModule",
 ]

@@ -7,11 +7,14 @@ where images come from (:meth:`BeitDataModule.build_dataset`).
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
 
 from .generated import GeneratedImages
 from .masking import BlockwiseMaskGenerator
@@ -148,3 +151,28 @@ class GeneratedDataModule(BeitDataModule):
         if self.num_val <= 0:
             return None
         return GeneratedImages(self.num_val, self.image_size, self.num_classes, seed=self.seed + 1_000_003)
+
+
+class ImageFolderDataModule(BeitDataModule):
+    """Images in class sub-folders: ``<root>/<train_dir>/<class>/*`` and ``<root>/<val_dir>/<class>/*``.
+
+    Args:
+        root: the data set folder.
+        train_dir, val_dir: sub-folders of ``root``; a missing ``val_dir`` means no validation.
+        **kwargs: see :class:`BeitDataModule`.
+    """
+
+    def __init__(self, root: str, train_dir: str = "train", val_dir: str | None = "val", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root, self.train_dir, self.val_dir = root, train_dir, val_dir
+
+    def build_dataset(self, split: str) -> Dataset | None:
+        sub = self.train_dir if split == "train" else self.val_dir
+        if sub is None:
+            return None
+        path = os.path.join(self.root, sub)
+        if not os.path.isdir(path):
+            if split == "train":
+                raise FileNotFoundError(f"no training images at {path!r}: set data.root (and data.train_dir)")
+            return None
+        return ImageFolder(path)

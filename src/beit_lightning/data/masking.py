@@ -69,14 +69,18 @@ class BlockwiseMaskGenerator:
             )
         if min_num_patches < 1:
             raise ValueError(f"min_num_patches must be >= 1; got {min_num_patches}")
-        max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-        if num_masking_patches > 0 and max_num_patches < min_num_patches:
+        if max_num_patches is not None and max_num_patches < min_num_patches:
             raise ValueError(
                 f"max_num_patches={max_num_patches} is below min_num_patches={min_num_patches}: "
                 "raise max_num_patches or lower min_num_patches"
             )
+        # Like the official code, a request below min_num_patches is allowed: block areas are then
+        # drawn between the request and min_num_patches and must still fit the remaining count.
+        max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        if min_aspect <= 0:
+            raise ValueError(f"min_aspect must be > 0; got {min_aspect}")
         max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
-        if min_aspect <= 0 or max_aspect < min_aspect:
+        if max_aspect < min_aspect:
             raise ValueError(
                 f"aspect ratio bounds must satisfy 0 < min_aspect <= max_aspect; got {min_aspect}, {max_aspect}"
             )

@@ -41,7 +41,7 @@ class VisualTokenizer(nn.Module, abc.ABC):
                 f"{type(self).__name__} expects images of shape B x C x {self.image_size} x {self.image_size}; "
                 f"got {tuple(images.shape)}. Set the data's tokenizer view size to {self.image_size}."
             )
-        param = next(self.parameters())
+        dtype = next(self.parameters(), torch.empty(0)).dtype  # the precision the tokenizer holds
         with torch.autocast(device_type=images.device.type, enabled=False):
-            logits = self.encode_logits(images.to(param.dtype))
+            logits = self.encode_logits(images.to(dtype))
         return logits.argmax(dim=1)

@@ -155,10 +155,18 @@ class DallETokenizer(VisualTokenizer):
         return self.encoder(map_pixels(images))
 
     @classmethod
-    def from_openai(cls, path: str | os.PathLike, image_size: int = 112, map_location: Any = "cpu") -> DallETokenizer:
+    def from_openai(
+        cls,
+        path: str | os.PathLike,
+        image_size: int = 112,
+        vocab_size: int | None = None,
+        map_location: Any = "cpu",
+    ) -> DallETokenizer:
         """Load OpenAI's published ``encoder.pkl`` without the ``dall_e`` package and without
-        running any code from the file."""
+        running any code from the file. ``vocab_size``, when given, is checked against the file."""
         state, sizes = read_openai_encoder(path, map_location=map_location)
+        if vocab_size is not None and vocab_size != sizes["vocab_size"]:
+            raise ValueError(f"{os.fspath(path)!r} has {sizes['vocab_size']} codes, not vocab_size={vocab_size}")
         tokenizer = cls(image_size=image_size, **sizes)
         tokenizer.encoder.load_state_dict(state, strict=True)
         return tokenizer

@@ -1,0 +1,182 @@
+"""Hydra entry point: ``beit-lightning`` and ``python -m beit_lightning``.
+
+``train(cfg)`` is a plain function (tests compose a config and call it); ``main`` is the thin
+``@hydra.main`` wrapper. ``validate_config`` runs first and reports every problem it can find in
+the configuration (missing values, unknown arguments, sizes that do not fit together, files that
+do not exist) before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .checkpoints import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+_HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message lists every problem and how to fix it."""
+
+
+def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            child = node._get_node(key)
+            if child is not None and not child._is_interpolation():
+                yield from _target_nodes(node[key], f"{path}.{key}" if path else str(key))
+
+
+def _check_arguments(path: str, node: DictConfig) -> list[str]:
+    target = node["_target_"]
+    try:
+        obj = get_object(target)
+    except Exception as err:  # noqa: BLE001 - report any import problem as a config problem
+        return [f"{path}._target_={target!r} cannot be imported ({err})"]
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    unknown = [k for k in node if k not in _HYDRA_KEYS and k not in accepted]
+    return [
+        f"{path}.{k} is not an argument of {target}; valid ones: {', '.join(sorted(accepted - {'self'}))}"
+        for k in unknown
+    ]
+
+
+def _check_sizes(cfg: DictConfig) -> list[str]:
+    """Cross-checks between the model, the tokenizer, the masks and the data views."""
+    problems = []
+    model, data, tok = cfg.get("model"), cfg.get("data"), cfg.get("tokenizer")
+    if model is None or data is None:
+        return problems
+    img, patch = model.get("img_size"), model.get("patch_size")
+    if img is not None and patch is not None:
+        if img % patch:
+            problems.append(f"model.img_size={img} is not a multiple of model.patch_size={patch}")
+        grid = img // patch
+        if data.get("input_size") not in (None, img):
+            problems.append(f"data.input_size={data.input_size} differs from model.img_size={img}: set them equal")
+        count = data.get("num_masking_patches")
+        if count is not None and count > grid * grid:
+            problems.append(
+                f"data.num_masking_patches={count} exceeds the {grid}x{grid} patch grid: use at most {grid * grid} "
+                f"(BEiT masks about 40%, i.e. {round(0.4 * grid * grid)})"
+            )
+        task_target = str(cfg.get("task", {}).get("_target_", ""))
+        if tok is not None and task_target.endswith("MaskedImageModeling"):
+            tok_size = tok.get("image_size")
+            down = _tokenizer_downsample(tok)
+            if tok_size is not None and down and tok_size // down != grid:
+                problems.append(
+                    f"the tokenizer makes a {tok_size // down}x{tok_size // down} grid at image_size={tok_size} but the "
+                    f"model has a {grid}x{grid} patch grid: set tokenizer.image_size and data.tokenizer_size to {grid * down}"
+                )
+            if data.get("tokenizer_size") not in (None, tok_size):
+                problems.append(
+                    f"data.tokenizer_size={data.tokenizer_size} differs from tokenizer.image_size={tok_size}: set them equal"
+                )
+    return problems
+
+
+def _tokenizer_downsample(tok: DictConfig) -> int | None:
+    """Pixels per code of the configured tokenizer class (``None`` if it cannot be told)."""
+    try:
+        obj = get_object(tok["_target_"])
+    except Exception:  # noqa: BLE001 - reported by _check_arguments
+        return None
+    cls = obj if isinstance(obj, type) else getattr(obj, "__self__", None)
+    return getattr(cls, "downsample", None)
+
+
+def _check_files(cfg: DictConfig) -> list[str]:
+    problems = []
+    tok = cfg.get("tokenizer")
+    if tok is not None and tok.get("path") and not os.path.isfile(tok.path):
+        problems.append(f"tokenizer.path={tok.path!r} does not exist")
+    init = cfg.get("init_checkpoint")
+    if init and not os.path.isfile(init):
+        problems.append(f"init_checkpoint={init!r} does not exist")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and ckpt not in ("last", "hpc", "best") and not os.path.isfile(ckpt):
+        problems.append(f"ckpt_path={ckpt!r} does not exist (use 'last' to resume this run's newest checkpoint)")
+    return problems
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg``; do nothing when it is sound."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise ConfigError(
+            "the configuration leaves required values unset: "
+            + ", ".join(missing)
+            + ". Set them on the command line, e.g. "
+            + " ".join(f"{k}=..." for k in missing)
+        )
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the configuration cannot be resolved: {err}") from None
+    problems = []
+    for path, node in _target_nodes(cfg):
+        if not path.startswith("hydra"):
+            problems += _check_arguments(path, node)
+    problems += _check_sizes(cfg)
+    problems += _check_files(cfg)
+    if problems:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems))
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run the configured task; return the value of ``cfg.metric`` at the end (for sweepers)."""
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = cfg.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+
+    datamodule = instantiate(cfg.data)
+    task = instantiate(cfg.task)
+    if cfg.get("init_checkpoint"):
+        result = load_checkpoint(task.model, cfg.init_checkpoint)
+        log.info("initialised from %s\n%s", cfg.init_checkpoint, result.report())
+    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    value = trainer.callback_metrics.get(cfg.metric) if cfg.get("metric") else None
+    return float(value) if value is not None else None
+
+
+@hydra.main(version_base="1.3", config_path="pkg://beit_lightning.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

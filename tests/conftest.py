@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit_lightning.models import BeitForMaskedImageModeling
+from beit_lightning.models.tokenizers import VisualTokenizer
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # reference_beit and the other helpers
+
+
+class ColourTokenizer(VisualTokenizer):
+    """A small deterministic tokenizer for tests: each 8x8 cell's mean colour quantised to
+    4 levels per channel (64 codes). Unlike a random network its codes are spread out, so a
+    model can only fit them by learning."""
+
+    downsample = 8
+
+    def __init__(self, image_size: int = 32, levels: int = 4):
+        super().__init__()
+        self.image_size, self.levels, self.vocab_size = image_size, levels, levels**3
+
+    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+        cells = torch.nn.functional.avg_pool2d(images, self.downsample)
+        q = (cells * self.levels).long().clamp(0, self.levels - 1)
+        codes = q[:, 0] * self.levels**2 + q[:, 1] * self.levels + q[:, 2]
+        return torch.nn.functional.one_hot(codes, self.vocab_size).permute(0, 3, 1, 2).float()
+
+
+def micro_model(vocab_size: int = 64, img_size: int = 32, **kwargs) -> BeitForMaskedImageModeling:
+    return BeitForMaskedImageModeling("beit_lightning_micro_patch8_32", vocab_size=vocab_size, img_size=img_size, **kwargs)
+
+
+@pytest.fixture
+def colour_tokenizer() -> ColourTokenizer:
+    return ColourTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    import random
+
+    random.seed(0)
