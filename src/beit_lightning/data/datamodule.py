@@ -8,7 +8,6 @@ where images come from (:meth:`BeitDataModule.build_dataset`).
 from __future__ import annotations
 
 import os
-
 from collections.abc import Sequence
 
 import pytorch_lightning as pl

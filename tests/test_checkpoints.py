@@ -1,0 +1,68 @@
+import pytest
+import timm
+import torch
+
+from beit_lightning.checkpoints import CheckpointMismatchError, load_checkpoint
+from conftest import micro_model
+from reference_beit import random_official_state_dict
+
+
+def _official(**kw):
+    args = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8, grid=4, vocab_size=50)
+    args.update(kw)
+    return random_official_state_dict(**args)
+
+
+def test_official_pretraining_checkpoint_file_loads(tmp_path):
+    sd = _official()
+    path = tmp_path / "beit_micro_pt.pth"
+    torch.save({"model": sd, "epoch": 799, "args": {"lr": 1.5e-3}}, path)
+    model = micro_model(vocab_size=50)
+    result = load_checkpoint(model, path)
+    assert result.source == "official" and not result.missing and not result.unexpected
+    torch.testing.assert_close(model.mask_token, sd["mask_token"])
+    torch.testing.assert_close(model.lm_head.weight, sd["lm_head.weight"])
+    torch.testing.assert_close(
+        model.backbone.rel_pos_bias.relative_position_bias_table, sd["rel_pos_bias.relative_position_bias_table"]
+    )
+    torch.testing.assert_close(model.backbone.blocks[1].gamma_2, sd["blocks.1.gamma_2"])
+
+
+def test_shape_mismatch_and_missing_keys_are_listed_and_model_untouched():
+    sd = _official(vocab_size=8192)
+    del sd["blocks.1.mlp.fc2.bias"]
+    sd["surplus.weight"] = torch.zeros(1)
+    model = micro_model(vocab_size=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(model, {"model": sd})
+    text = str(err.value)
+    assert "lm_head.weight (8192, 64) vs (50, 64)" in text
+    assert "backbone.blocks.1.mlp.fc2.bias" in text and "surplus.weight" in text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # strict=False loads the matching part and reports the rest
+    result = load_checkpoint(model, {"model": sd}, strict=False)
+    assert [m[0] for m in result.mismatched] == ["lm_head.weight", "lm_head.bias"]
+    torch.testing.assert_close(model.mask_token, sd["mask_token"])
+
+
+def test_our_state_dict_round_trips_and_loads_into_plain_timm_beit():
+    src = micro_model(vocab_size=50)
+    dst = micro_model(vocab_size=50)
+    load_checkpoint(dst, src.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+    # into a timm Beit with per-layer relative position tables: the shared table is copied into each block
+    beit = timm.create_model("beit_lightning_micro_patch8_32", num_classes=0, use_fc_norm=False)
+    result = load_checkpoint(beit, src.state_dict())
+    assert "mask_token" in result.dropped and "lm_head.weight" in result.dropped
+    for blk in beit.blocks:
+        torch.testing.assert_close(blk.attn.relative_position_bias_table, src.backbone.rel_pos_bias.relative_position_bias_table)
+
+
+def test_missing_file_and_foreign_objects(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(micro_model(), tmp_path / "nope.pth")
+    path = tmp_path / "odd.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "obj": torch.nn.Linear(1, 1)}, path)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_checkpoint(micro_model(), path)

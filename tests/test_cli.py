@@ -1,0 +1,95 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+
+from beit_lightning.cli import ConfigError, train, validate_config
+
+CONF = Path(__file__).parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# values an experiment may leave to the user (paths to data and weights)
+REQUIRED_BY_USER = {"tokenizer.path", "data.root"}
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_its_model(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}", f"output_dir={tmp_path}"])
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        # only the paths a user must give may be missing, and the message must name them
+        text = str(err)
+        assert "required values unset" in text
+        unset = text.split("unset: ")[1].split(". Set")[0].split(", ")
+        assert set(unset) <= REQUIRED_BY_USER | {f"task.{k}" for k in REQUIRED_BY_USER}, unset
+    with torch.device("meta"):
+        model = instantiate(cfg.task.model)
+    assert model.backbone.default_cfg["architecture"] == cfg.model.name
+    assert model.vocab_size == cfg.tokenizer.vocab_size
+
+
+def test_paper_recipe_values():
+    cfg = _compose(["experiment=beit_base_pretrain", "output_dir=/tmp/x"])
+    assert cfg.model.name == "beit_base_patch16_224"
+    assert (cfg.task.lr, cfg.task.weight_decay, cfg.task.warmup_epochs, list(cfg.task.betas)) == (1.5e-3, 0.05, 10, [0.9, 0.999])
+    assert cfg.trainer.max_epochs == 800 and cfg.trainer.gradient_clip_val == 3.0
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 2048
+    assert (cfg.data.num_masking_patches, cfg.data.min_num_patches, cfg.data.tokenizer_size) == (75, 16, 112)
+    assert (cfg.model.drop_path_rate, cfg.model.layer_scale_init) == (0.1, 0.1)
+    with torch.device("meta"):
+        model = instantiate(cfg.task.model)
+    n = sum(p.numel() for p in model.backbone.parameters())
+    assert 85e6 < n < 87e6  # ViT-B/16 with relative position bias
+    assert model.patch_grid == (14, 14)
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_and_writes_a_checkpoint(tmp_path):
+    cfg = _compose(["experiment=smoke", f"output_dir={tmp_path}", "trainer.max_epochs=1", "data.num_train=64",
+                    "data.num_val=32", "trainer.enable_progress_bar=false"])
+    metric = train(cfg)
+    assert metric is not None and metric == metric  # finite float
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "config_resolved.yaml").is_file()
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+task.lrr=0.1"], "task.lrr is not an argument of beit_lightning.tasks.MaskedImageModeling"),
+        (["tokenizer=dall_e"], "tokenizer.path"),
+        (["tokenizer=dall_e", "tokenizer.path=/nonexistent/encoder.pkl"], "does not exist"),
+        (["experiment=smoke", "data.num_masking_patches=65"], "exceeds the 8x8 patch grid"),
+        (["experiment=smoke", "data.tokenizer_size=32", "tokenizer.image_size=32"], "set tokenizer.image_size and data.tokenizer_size to 64"),
+        (["ckpt_path=/nonexistent.ckpt"], "ckpt_path"),
+    ],
+)
+def test_config_errors_are_reported_before_any_work(overrides, message, tmp_path):
+    cfg = _compose([*overrides, f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        train(cfg)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the configuration is validated"
+
+
+@pytest.mark.slow
+def test_console_script_runs_the_smoke_experiment(tmp_path):
+    exe = Path(sys.executable).with_name("beit-lightning")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [str(exe), "experiment=smoke", "trainer.max_epochs=1", "data.num_train=64", "data.num_val=32",
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    bad = subprocess.run([str(exe), "+task.lrr=1", f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "task.lrr is not an argument" in bad.stderr
