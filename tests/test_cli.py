@@ -8,6 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
+from beit_lightning.checkpoints import load_checkpoint
 from beit_lightning.cli import ConfigError, train, validate_config
 
 CONF = Path(__file__).parents[1] / "conf"
@@ -62,6 +63,10 @@ def test_smoke_run_trains_and_writes_a_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "config_resolved.yaml").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    # the checkpoint holds plain data only and loads into a fresh model by load_checkpoint
+    model = instantiate(cfg.task.model)
+    result = load_checkpoint(model, tmp_path / "checkpoints" / "last.ckpt")
+    assert result.source == "lightning" and not result.missing
 
 
 @pytest.mark.parametrize(
@@ -93,3 +98,15 @@ def test_console_script_runs_the_smoke_experiment(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     bad = subprocess.run([str(exe), "+task.lrr=1", f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "task.lrr is not an argument" in bad.stderr
+
+
+@pytest.mark.slow
+def test_resume_last_checkpoint_of_a_run(tmp_path):
+    base = ["experiment=smoke", f"output_dir={tmp_path}", "data.num_train=64", "data.num_val=0",
+            "trainer.enable_progress_bar=false", "metric=train/loss"]
+    train(_compose([*base, "trainer.max_epochs=1"]))
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["global_step"] == 2
+    train(_compose([*base, "trainer.max_epochs=2", "ckpt_path=last"]))
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 4 and second["epoch"] == 1

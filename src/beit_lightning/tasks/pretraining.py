@@ -138,7 +138,8 @@ class MaskedImageModeling(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
-        optimizer = build_adamw(groups, lr=hp.lr, betas=hp.betas)
+        mixed = "mixed" in str(self.trainer.precision)  # Lightning cannot clip with fused AdamW there
+        optimizer = build_adamw(groups, lr=hp.lr, betas=tuple(hp.betas), fused=not mixed)
         total, warmup = self._total_and_warmup_steps()
         self._schedule_steps = (total, warmup)
         scheduler = LambdaLR(optimizer, warmup_cosine_lambda(total, warmup, hp.min_lr / hp.lr))
