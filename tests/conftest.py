@@ -46,3 +46,11 @@ def _seed():
     import random
 
     random.seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Generated shards go to a per-session folder, not the user's cache."""
+    import os
+
+    os.environ["BEIT_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -1,5 +1,6 @@
 """The pre-training task under strategy="ddp" (2 CPU processes, gloo) and bf16-mixed precision,
-launched the way users launch it: a script that Lightning re-runs for the second rank."""
+launched the way users launch it (a script that Lightning re-runs for the second rank), reading
+generated webdataset shards with a data-loader worker per rank. A hang fails by the timeout."""
 
 import json
 import os
@@ -19,7 +20,8 @@ SCRIPT = textwrap.dedent(
     out, precision = sys.argv[1], sys.argv[2]
     pl.seed_everything(0, workers=True)
     dm = GeneratedDataModule(num_train=64, num_val=16, image_size=48, input_size=32, tokenizer_size=32, patch_size=8,
-                             num_masking_patches=6, min_num_patches=2, batch_size=8, num_workers=0)
+                             num_masking_patches=6, min_num_patches=2, batch_size=8, num_workers=1,
+                             samples_per_shard=16)
     model = BeitForMaskedImageModeling("beit_lightning_micro_patch8_32", vocab_size=64)
     tokenizer = DallETokenizer(n_hid=16, n_blk_per_group=1, vocab_size=64, image_size=32, seed=0)
     task = MaskedImageModeling(model, tokenizer, lr=1e-3, warmup_steps=1)

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from beit_lightning.data import GeneratedDataModule
+from beit_lightning.data import BeitPretrainTransform, BlockwiseMaskGenerator, GeneratedImages
 from beit_lightning.optim import cosine_schedule
 from beit_lightning.tasks import MaskedImageModeling, NonFiniteLossError
 from conftest import ColourTokenizer, micro_model
@@ -15,11 +15,10 @@ class FixedBatches(Dataset):
     """The same samples every epoch (fixed masks), so that loss changes come from learning."""
 
     def __init__(self, n=16, nan=False):
-        dm = GeneratedDataModule(num_train=n, num_val=0, image_size=32, input_size=32, tokenizer_size=32,
-                                 patch_size=8, num_masking_patches=6, min_num_patches=2, batch_size=8, num_workers=0)
-        dm.setup()
+        images = GeneratedImages(n, image_size=32)
+        transform = BeitPretrainTransform(32, 32, BlockwiseMaskGenerator(4, 6, min_num_patches=2), scale=(0.4, 1.0))
         torch.manual_seed(0)
-        self.samples = [dm.train_set[i] for i in range(n)]
+        self.samples = [transform(images[i][0]) for i in range(n)]
         if nan:
             self.samples[0]["image"][0, 0, 0] = float("nan")
 

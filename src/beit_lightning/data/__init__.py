@@ -1,8 +1,16 @@
-"""Data: blockwise masking, the BEiT two-view transform, generated data and DataModules."""
+"""Data: blockwise masking, transforms, generated data, shard writing and streaming, DataModules."""
 
-from .datamodule import BeitDataModule, GeneratedDataModule, ImageFolderDataModule
+from .datamodule import (
+    BeitDataModule,
+    ClassificationTransform,
+    GeneratedDataModule,
+    ImageFolderDataModule,
+    ImageShardsDataModule,
+)
 from .generated import CLASS_NAMES, GeneratedImages
 from .masking import BlockwiseMaskGenerator
+from .shards import ShardRecord, folder_records, generated_records, write_shards
+from .streaming import EpochLoader, ShardStream
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BeitPretrainTransform
 
 __all__ = [
@@ -12,7 +20,15 @@ __all__ = [
     "BeitDataModule",
     "BeitPretrainTransform",
     "BlockwiseMaskGenerator",
+    "ClassificationTransform",
+    "EpochLoader",
     "GeneratedDataModule",
     "GeneratedImages",
     "ImageFolderDataModule",
+    "ImageShardsDataModule",
+    "ShardRecord",
+    "ShardStream",
+    "folder_records",
+    "generated_records",
+    "write_shards",
 ]

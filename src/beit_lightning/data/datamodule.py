@@ -1,23 +1,141 @@
 """LightningDataModules that emit the one batch format of DESIGN.md.
 
-``BeitDataModule`` owns what every source shares: the BEiT two-view transform, the blockwise
-mask generator sized from the backbone's patch grid, and the data loaders. A subclass only says
-where images come from (:meth:`BeitDataModule.build_dataset`).
+``BeitDataModule`` owns what every source shares: the transform of the task (BEiT's two-view
+pre-training transform with blockwise masks, or timm's fine-tuning transform), and the data
+loaders. Subclasses say where images come from:
+
+* :class:`ImageFolderDataModule`: class sub-folders, or an unlabeled tree of images (label -1);
+* :class:`ImageShardsDataModule`: webdataset shards, streamed (see :mod:`.streaming`);
+* :class:`GeneratedDataModule`: the embedded generated data set, written once as shards and
+  then read like any other shards.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_info
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
 
-from .generated import GeneratedImages
+from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator
+from .shards import generated_records, list_images, write_shards
+from .streaming import EpochLoader, ShardStream, SharedCounter, expand_urls, read_shard_index
 from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform
+
+MODES = ("pretrain", "finetune")
+
+
+class ClassificationTransform:
+    """timm's ``create_transform`` (RandAugment, random erasing, ...) in the batch-dict format."""
+
+    def __init__(self, **timm_kwargs) -> None:
+        self.transform = create_transform(**timm_kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform})"
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {"image": self.transform(img.convert("RGB"))}
+
+
+class BeitDataModule(pl.LightningDataModule):
+    """Base DataModule: transforms and loaders for pre-training or fine-tuning batches.
+
+    Args:
+        mode: ``"pretrain"`` (two views + blockwise mask) or ``"finetune"`` (one augmented view).
+        batch_size: per-device batch size.
+        num_workers: data-loader worker processes per device.
+        input_size: side of the backbone view; must match the model's ``img_size``.
+        tokenizer_size: side of the tokenizer view; must match the tokenizer's ``image_size``.
+        patch_size: backbone patch size; the mask grid is ``input_size // patch_size``.
+        num_masking_patches, min_num_patches, max_num_patches, min_aspect: blockwise masking
+            (BEiT: 75 of 196, 16, None, 0.3).
+        scale, color_jitter, hflip: pre-training augmentation (see :class:`BeitPretrainTransform`).
+        auto_augment, reprob, crop_pct: fine-tuning augmentation (timm's RandAugment string,
+            random-erasing probability, evaluation crop ratio).
+        mean, std: normalisation of the backbone view (BEiT's code default: 0.5/0.5).
+    """
+
+    def __init__(
+        self,
+        mode: str = "pretrain",
+        batch_size: int = 64,
+        num_workers: int = 8,
+        input_size: int = 224,
+        tokenizer_size: int = 112,
+        patch_size: int = 16,
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        scale: Sequence[float] = (0.08, 1.0),
+        color_jitter: float = 0.4,
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        reprob: float = 0.25,
+        crop_pct: float = 0.9,
+        mean: Sequence[float] = BEIT_MEAN,
+        std: Sequence[float] = BEIT_STD,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
+        self.mode = mode
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.input_size, self.tokenizer_size, self.patch_size = input_size, tokenizer_size, patch_size
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        if mode == "pretrain":
+            grid = input_size // patch_size
+            self.mask_generator = BlockwiseMaskGenerator(
+                (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect
+            )
+            self.train_transform = BeitPretrainTransform(
+                input_size, tokenizer_size, self.mask_generator, scale=scale,
+                color_jitter=color_jitter, hflip=hflip, mean=mean, std=std,
+            )
+            # Validation: the same masking on deterministic full-image views without colour augmentation.
+            self.val_transform = BeitPretrainTransform(
+                input_size, tokenizer_size, self.mask_generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                color_jitter=0.0, hflip=0.0, mean=mean, std=std,
+            )
+        else:
+            self.mask_generator = None
+            self.train_transform = ClassificationTransform(
+                input_size=input_size, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter,
+                auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                mean=tuple(mean), std=tuple(std),
+            )
+            self.val_transform = ClassificationTransform(
+                input_size=input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                mean=tuple(mean), std=tuple(std),
+            )
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples skipped because they could not be read or decoded (0 for map-style data)."""
+        return 0
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=shuffle if drop_last is None else drop_last,
+        )
 
 
 class _Samples(Dataset):
@@ -36,82 +154,64 @@ class _Samples(Dataset):
         return sample
 
 
-class BeitDataModule(pl.LightningDataModule):
-    """Base DataModule for masked-image-modeling batches.
+class ImageFiles(Dataset):
+    """``(PIL image, label)`` from a list of ``(path, label)``; label -1 for unlabeled images."""
+
+    def __init__(self, files: list[tuple[str, int]], classes: list[str]) -> None:
+        self.files, self.classes = files, classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except Exception as err:  # noqa: BLE001 - name the file that cannot be read
+            raise RuntimeError(
+                f"cannot decode image {path!r} ({type(err).__name__}: {err}); remove it, or write the folder as "
+                "shards with beit-lightning-shards, which reports and skips unreadable files"
+            ) from err
+
+
+class ImageFolderDataModule(BeitDataModule):
+    """Images under ``<root>/<train_dir>`` (and ``<root>/<val_dir>``): class sub-folders as in
+    torchvision's ``ImageFolder``, or, without sub-folders, every image of the tree unlabeled.
 
     Args:
-        batch_size: per-device batch size.
-        num_workers: data-loader worker processes.
-        input_size: side of the backbone view; must match the model's ``img_size``.
-        tokenizer_size: side of the tokenizer view; must match the tokenizer's ``image_size``.
-        patch_size: backbone patch size; the mask grid is ``input_size // patch_size``.
-        num_masking_patches, min_num_patches, max_num_patches, min_aspect: blockwise masking
-            (BEiT: 75 of 196, 16, None, 0.3).
-        scale, color_jitter, hflip, mean, std: the two-view transform (see
-            :class:`BeitPretrainTransform`).
+        root: the data set folder.
+        train_dir, val_dir: sub-folders of ``root``; a missing ``val_dir`` means no validation.
+        labelled: ``None``: sub-folders are classes when present; ``False``: all images unlabeled.
+        **kwargs: see :class:`BeitDataModule`.
     """
 
     def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 8,
-        input_size: int = 224,
-        tokenizer_size: int = 112,
-        patch_size: int = 16,
-        num_masking_patches: int = 75,
-        min_num_patches: int = 16,
-        max_num_patches: int | None = None,
-        min_aspect: float = 0.3,
-        scale: Sequence[float] = (0.08, 1.0),
-        color_jitter: float = 0.4,
-        hflip: float = 0.5,
-        mean: Sequence[float] = BEIT_MEAN,
-        std: Sequence[float] = BEIT_STD,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        self, root: str, train_dir: str = "train", val_dir: str | None = "val", labelled: bool | None = None, **kwargs
     ) -> None:
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.input_size, self.tokenizer_size, self.patch_size = input_size, tokenizer_size, patch_size
-        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        grid = input_size // patch_size
-        self.mask_generator = BlockwiseMaskGenerator(
-            (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect
-        )
-        self.train_transform = BeitPretrainTransform(
-            input_size, tokenizer_size, self.mask_generator, scale=scale,
-            color_jitter=color_jitter, hflip=hflip, mean=mean, std=std,
-        )
-        # Validation: same masking, deterministic-size views without colour augmentation.
-        self.val_transform = BeitPretrainTransform(
-            input_size, tokenizer_size, self.mask_generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-            color_jitter=0.0, hflip=0.0, mean=mean, std=std,
-        )
+        super().__init__(**kwargs)
+        self.root, self.train_dir, self.val_dir, self.labelled = root, train_dir, val_dir, labelled
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.classes: list[str] = []
 
-    def build_dataset(self, split: str) -> Dataset | None:
-        """A data set of ``(PIL image, label)`` for ``split`` ('train' or 'val'), or ``None``."""
-        raise NotImplementedError
+    def _images(self, sub: str | None, required: bool) -> ImageFiles | None:
+        path = os.path.join(self.root, sub) if sub else None
+        if path is None or not os.path.isdir(path):
+            if required:
+                raise FileNotFoundError(f"no training images at {path!r}: set data.root (and data.train_dir)")
+            return None
+        files, classes = list_images(path, self.labelled)
+        if not files:
+            raise ValueError(f"no images found under {path!r}")
+        self.classes = self.classes or classes
+        return ImageFiles(files, classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = _Samples(self.build_dataset("train"), self.train_transform)
-            val = self.build_dataset("val")
+            self.train_set = _Samples(self._images(self.train_dir, True), self.train_transform)
+            val = self._images(self.val_dir, False)
             self.val_set = _Samples(val, self.val_transform) if val is not None else None
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=shuffle,
-        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -120,16 +220,128 @@ class BeitDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
-class GeneratedDataModule(BeitDataModule):
-    """The embedded default data: :class:`GeneratedImages` (10 classes of structured shapes).
+class ImageShardsDataModule(BeitDataModule):
+    """Webdataset shards (``.jpg``/``.png`` + ``.cls``) streamed correctly under DDP.
+
+    Args:
+        train_urls: shard pattern(s), e.g. ``/data/in1k/train/shard-{000000..001281}.tar`` or
+            ``pipe:aws s3 cp s3://bucket/shard-{000000..001281}.tar -``.
+        val_urls: validation shards, or ``None``.
+        samples_per_epoch: samples per training epoch over all ranks; defaults to the shards'
+            ``index.json`` count (required for remote shards).
+        val_samples: validation samples; defaults to the index count.
+        resampled: draw training shards with replacement (recommended for multi-node runs).
+        shuffle_buffer: samples shuffled in a buffer per worker.
+        seed: seed of shard order, shuffling and augmentation (per epoch, rank and worker).
+        **kwargs: see :class:`BeitDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_urls: str | Sequence[str],
+        val_urls: str | Sequence[str] | None = None,
+        samples_per_epoch: int | None = None,
+        val_samples: int | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
+        self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
+        self._skipped = SharedCounter()
+        self.train_stream: ShardStream | None = None
+        self.val_stream: ShardStream | None = None
+        self.classes: list[str] = []
+
+    @property
+    def skipped_samples(self) -> int:
+        return self._skipped.value
+
+    def _count(self, urls: list[str], given: int | None, what: str) -> int:
+        if given is not None:
+            return int(given)
+        index = read_shard_index(urls)
+        if index is None or not index["num_samples"]:
+            raise ValueError(
+                f"cannot tell how many samples the {what} shards hold (no index.json next to {urls[0]!r}): "
+                f"set data.{'samples_per_epoch' if what == 'training' else 'val_samples'}"
+            )
+        self.classes = self.classes or list(index.get("classes", []))
+        return int(index["num_samples"])
+
+    def _stream(self, urls: list[str], count: int, train: bool) -> ShardStream:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        slots = world * max(1, self.num_workers)
+        if not (train and self.resampled) and 1 < len(urls) < slots:
+            rank_zero_info(
+                f"{len(urls)} {'training' if train else 'validation'} shards for {slots} readers (ranks x workers): "
+                "each reader scans every shard and keeps its share of samples; write more, smaller shards to avoid "
+                "reading them several times"
+            )
+        return ShardStream(
+            urls, self.train_transform if train else self.val_transform,
+            samples_per_epoch=count, batch_size=self.batch_size, num_workers=self.num_workers,
+            rank=rank, world_size=world, resampled=self.resampled and train, shuffle=train,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, skipped=self._skipped,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is None:
+            urls = expand_urls(self.train_urls)
+            self.train_stream = self._stream(urls, self._count(urls, self.samples_per_epoch, "training"), True)
+            if self.val_urls:
+                val = expand_urls(self.val_urls)
+                self.val_stream = self._stream(val, self._count(val, self.val_samples, "validation"), False)
+
+    def _epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def _stream_loader(self, stream: ShardStream, epoch_fn) -> EpochLoader:
+        return EpochLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            epoch_fn=epoch_fn,
+        )
+
+    def train_dataloader(self) -> EpochLoader:
+        return self._stream_loader(self.train_stream, self._epoch)
+
+    def val_dataloader(self) -> EpochLoader | list:
+        # validation reads the same samples every time: epoch 0's plan, no shuffling
+        return self._stream_loader(self.val_stream, lambda: 0) if self.val_stream is not None else []
+
+
+def default_cache_dir() -> str:
+    """Where generated data is written: ``$BEIT_LIGHTNING_CACHE`` or ``~/.cache/beit_lightning``."""
+    return os.environ.get("BEIT_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "beit_lightning")
+
+
+def _shard_pattern(folder: str, num_samples: int, samples_per_shard: int) -> str:
+    last = (num_samples - 1) // samples_per_shard
+    return os.path.join(folder, f"shard-{{000000..{last:06d}}}.tar")
+
+
+class GeneratedDataModule(ImageShardsDataModule):
+    """The embedded default data (:class:`~beit_lightning.data.GeneratedImages`), written once as
+    JPEG shards (``prepare_data``, on one process per node) and then streamed like real shards.
 
     Args:
         num_train, num_val: data set sizes.
         image_size: side of the generated images before the crop.
         num_classes: how many of the shape classes to use.
-        seed: seed of the data set (train and val use different streams).
-        **kwargs: see :class:`BeitDataModule`.
+        seed: seed of the images (train and val use different streams) and of the reading.
+        samples_per_shard: samples in each written shard.
+        cache_dir: where shards go (default :func:`default_cache_dir`); reused when present.
+        **kwargs: see :class:`ImageShardsDataModule` and :class:`BeitDataModule`.
     """
+
+    VERSION = 1  # bump when the generator changes, so that stale shards are not reused
 
     def __init__(
         self,
@@ -138,40 +350,39 @@ class GeneratedDataModule(BeitDataModule):
         image_size: int = 64,
         num_classes: int = 10,
         seed: int = 0,
+        samples_per_shard: int = 64,
+        cache_dir: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
         self.num_train, self.num_val = num_train, num_val
-        self.image_size, self.num_classes, self.seed = image_size, num_classes, seed
+        self.image_size, self.num_classes, self.samples_per_shard = image_size, num_classes, samples_per_shard
+        name = f"generated-v{self.VERSION}-{image_size}px-{num_classes}c-seed{seed}-{samples_per_shard}ps"
+        self.data_dir = os.path.join(cache_dir or default_cache_dir(), name)
+        train_dir = os.path.join(self.data_dir, f"train-{num_train}")
+        val_dir = os.path.join(self.data_dir, f"val-{num_val}")
+        self._splits = [(train_dir, num_train, seed), (val_dir, num_val, seed + 1_000_003)]
+        super().__init__(
+            train_urls=_shard_pattern(train_dir, num_train, samples_per_shard),
+            val_urls=_shard_pattern(val_dir, num_val, samples_per_shard) if num_val > 0 else None,
+            seed=seed,
+            **kwargs,
+        )
 
-    def build_dataset(self, split: str) -> Dataset | None:
-        if split == "train":
-            return GeneratedImages(self.num_train, self.image_size, self.num_classes, seed=self.seed)
-        if self.num_val <= 0:
-            return None
-        return GeneratedImages(self.num_val, self.image_size, self.num_classes, seed=self.seed + 1_000_003)
+    def prepare_data(self) -> None:
+        """Write the shards unless a complete set (with its index) is there already."""
+        for out_dir, count, seed in self._splits:
+            if count <= 0 or os.path.isfile(os.path.join(out_dir, "index.json")):
+                continue
+            tmp = f"{out_dir}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            records = generated_records(count, self.image_size, self.num_classes, seed=seed)
+            write_shards(records, tmp, classes=list(CLASS_NAMES[: self.num_classes]), samples_per_shard=self.samples_per_shard)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:  # another process finished first: keep its copy
+                shutil.rmtree(tmp, ignore_errors=True)
 
-
-class ImageFolderDataModule(BeitDataModule):
-    """Images in class sub-folders: ``<root>/<train_dir>/<class>/*`` and ``<root>/<val_dir>/<class>/*``.
-
-    Args:
-        root: the data set folder.
-        train_dir, val_dir: sub-folders of ``root``; a missing ``val_dir`` means no validation.
-        **kwargs: see :class:`BeitDataModule`.
-    """
-
-    def __init__(self, root: str, train_dir: str = "train", val_dir: str | None = "val", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root, self.train_dir, self.val_dir = root, train_dir, val_dir
-
-    def build_dataset(self, split: str) -> Dataset | None:
-        sub = self.train_dir if split == "train" else self.val_dir
-        if sub is None:
-            return None
-        path = os.path.join(self.root, sub)
-        if not os.path.isdir(path):
-            if split == "train":
-                raise FileNotFoundError(f"no training images at {path!r}: set data.root (and data.train_dir)")
-            return None
-        return ImageFolder(path)
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is None:  # used outside a Trainer: nobody called prepare_data
+            self.prepare_data()
+        super().setup(stage)

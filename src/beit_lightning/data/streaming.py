@@ -1,0 +1,296 @@
+"""Reading webdataset shards correctly under DDP and many data-loader workers.
+
+Every (rank, worker) pair is a *slot*; a run has ``world_size x num_workers`` slots.
+
+* Exact epochs (``resampled=False``): each epoch the shard list is shuffled with
+  ``(seed, epoch)`` (the same order on every slot) and dealt round-robin to the slots, so every
+  shard is read by exactly one slot. With fewer shards than slots, every slot reads all shards
+  and keeps every n-th sample instead. Each slot yields exactly ``per_worker`` samples: it cycles
+  its shards when it has fewer (padding, like ``DistributedSampler``) and stops when it has
+  enough. ``per_worker`` is a multiple of the batch size, so every rank runs the same number of
+  full batches and no collective waits for a rank that has finished. When the shards hold
+  equally many samples and their number divides by the slot count, every sample of an epoch is
+  seen exactly once.
+* Resampled (``resampled=True``, recommended for multi-node pre-training): each slot draws
+  shards at random with replacement from a ``(seed, epoch, slot)`` stream, with the same fixed
+  ``per_worker`` epoch length.
+
+Samples are shuffled in a buffer, decoded with PIL and transformed; undecodable samples and
+unreadable tar data are skipped with a warning and counted in a counter shared across workers.
+All random draws of the transform (crops, jitter, flips, masks, RandAugment) run on a private
+random state seeded from ``(seed, epoch, slot)``: augmentation is reproducible per epoch, and
+it neither depends on nor disturbs the training process's own random state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import INDEX_FILE
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+_MAX_CONSECUTIVE_FAILURES = 10_000
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace patterns (``shard-{000000..000099}.tar``), ``::``-joined lists or lists of them."""
+    if isinstance(urls, str):
+        urls = [urls]
+    out: list[str] = []
+    for pattern in urls:
+        out += wds.shardlists.expand_urls(pattern)
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def read_shard_index(urls: list[str]) -> dict | None:
+    """The writer's ``index.json`` next to local shards, or ``None`` (remote or ``pipe:`` URLs)."""
+    first = urls[0]
+    if "://" in first or first.startswith("pipe:"):
+        return None
+    path = os.path.join(os.path.dirname(first), INDEX_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        index = json.load(f)
+    wanted = {os.path.basename(u) for u in urls}
+    shards = [s for s in index.get("shards", []) if s["url"] in wanted]
+    return {**index, "shards": shards, "num_samples": sum(s["num_samples"] for s in shards)}
+
+
+class SharedCounter:
+    """An integer in shared memory that data-loader workers can add to."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = mp.Value("q", value)
+
+    def add(self, n: int = 1) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, v: int) -> None:
+        self._value.value = int(v)
+
+
+class PrivateRandomness:
+    """Python, NumPy and torch (CPU) random states of one stream, swapped in around each use."""
+
+    def __init__(self, seed: int) -> None:
+        self.python = random.Random(seed).getstate()
+        self.numpy = np.random.RandomState(seed % 2**32).get_state()
+        self.torch = torch.Generator().manual_seed(seed).get_state()
+
+    def __enter__(self) -> PrivateRandomness:
+        self._saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.setstate(self._saved[0])
+        np.random.set_state(self._saved[1])
+        torch.set_rng_state(self._saved[2])
+
+
+def _stream_seed(*parts: int | str) -> int:
+    return random.Random("/".join(str(p) for p in parts)).getrandbits(62)
+
+
+class ShardStream(IterableDataset):
+    """Samples from webdataset shards as batch-format dicts; see the module docstring.
+
+    Args:
+        urls: shard URLs (local paths, ``pipe:`` commands, anything webdataset opens).
+        sample_transform: PIL image -> dict of tensors (the BEiT two-view transform, ...).
+        samples_per_epoch: samples per epoch over all ranks (rounded up to fill equal batches).
+        batch_size: per-device batch size (each slot's share is a multiple of it).
+        num_workers: data-loader workers per rank (to size each slot's share).
+        rank, world_size: this process's place in the data-parallel group.
+        resampled: draw shards with replacement (see module docstring).
+        shuffle: shuffle shard order per epoch and samples in a buffer.
+        shuffle_buffer: samples held for shuffling per worker.
+        seed: seed of shard order, sample shuffling and augmentation.
+        skipped: shared counter of skipped samples.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        sample_transform: Callable[[Image.Image], dict],
+        *,
+        samples_per_epoch: int,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        skipped: SharedCounter | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        if samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1; got {samples_per_epoch}")
+        self.sample_transform = sample_transform
+        self.samples_per_epoch, self.batch_size = samples_per_epoch, max(1, batch_size)
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.resampled, self.shuffle, self.shuffle_buffer, self.seed = resampled, shuffle, shuffle_buffer, seed
+        self.skipped = skipped if skipped is not None else SharedCounter()
+        self._epoch = SharedCounter(0)
+
+    # --- epoch and sizes -------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Shard order, sample order and augmentation of the next iteration follow ``epoch``."""
+        self._epoch.value = epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def per_worker(self, num_workers: int | None = None) -> int:
+        """Samples each slot yields per epoch (a multiple of the batch size)."""
+        workers = max(1, self.num_workers if num_workers is None else num_workers)
+        share = math.ceil(self.samples_per_epoch / (self.world_size * workers))
+        return math.ceil(share / self.batch_size) * self.batch_size
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch."""
+        return self.per_worker() * max(1, self.num_workers)
+
+    # --- iteration -------------------------------------------------------------------------
+    def _passes(self, slot: int, slots: int, epoch: int, rng: random.Random) -> Iterator[Iterator[dict]]:
+        """Raw samples of this slot, as successive passes over its shards.
+
+        Exact mode: each pass reads the slot's shards once (every shard with a sample stride when
+        there are fewer shards than slots); passes after the first are padding. Each pass is
+        shuffled in its own buffer, so no padding sample overtakes a sample of the first pass.
+        Resampled mode: one endless pass over shards drawn with replacement.
+        """
+        def read(urls: Iterator[str] | list[str], stride: int = 1, offset: int = 0) -> Iterator[dict]:
+            samples = wds.tarfile_samples(({"url": url} for url in urls), handler=self._on_error)
+            if stride > 1:
+                samples = (s for i, s in enumerate(samples) if i % stride == offset)
+            if self.shuffle and self.shuffle_buffer > 1:
+                samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(iter(samples))
+            return samples
+
+        if self.resampled:
+            def draw() -> Iterator[str]:
+                while True:
+                    yield rng.choice(self.urls)
+            yield read(draw())
+            return
+        order = list(self.urls)
+        if self.shuffle:
+            random.Random(_stream_seed(self.seed, epoch, "shards")).shuffle(order)
+        if len(order) >= slots:
+            mine, stride, offset = order[slot::slots], 1, 0
+        else:  # fewer shards than readers: everyone reads all, keeps every slots-th sample
+            mine, stride, offset = order, slots, slot
+        while True:
+            yield read(mine, stride, offset)
+
+    def _on_error(self, exn: Exception) -> bool:
+        self.skipped.add()
+        warnings.warn(f"skipping unreadable shard data ({type(exn).__name__}: {exn})", stacklevel=2)
+        return True
+
+    def _decode(self, sample: dict) -> tuple[Image.Image, int] | None:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+        if key is None:
+            reason = f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}"
+        else:
+            try:
+                with Image.open(io.BytesIO(sample[key])) as img:
+                    img = img.convert("RGB")
+                label = int(sample["cls"]) if "cls" in sample else -1
+                return img, label
+            except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
+                reason = f"{type(err).__name__}: {err}"
+        self.skipped.add()
+        warnings.warn(f"skipping undecodable sample {where}: {reason}", stacklevel=2)
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        epoch = self.epoch
+        seed = _stream_seed(self.seed, epoch, slot)
+        rng = random.Random(seed)
+        randomness = PrivateRandomness(seed + 1)
+        wanted, produced, failures = self.per_worker(workers), 0, 0
+        for samples in self._passes(slot, slots, epoch, rng):
+            read_in_pass = 0
+            for sample in samples:
+                if produced >= wanted:
+                    return
+                read_in_pass += 1
+                decoded = self._decode(sample)
+                if decoded is None:
+                    failures += 1
+                    if failures > _MAX_CONSECUTIVE_FAILURES:
+                        raise RuntimeError(f"{failures} samples in a row could not be read from {self.urls[:3]}: check the shards")
+                    continue
+                failures = 0
+                img, label = decoded
+                with randomness:
+                    out = self.sample_transform(img)
+                out["label"] = torch.tensor(label, dtype=torch.long)
+                produced += 1
+                yield out
+            if produced >= wanted:
+                return
+            if read_in_pass == 0:
+                raise RuntimeError(
+                    f"data-loader slot {slot} (rank {self.rank}, worker {worker}) read no sample from its shards "
+                    f"{self.urls[:3]}...: check that the URLs exist and hold webdataset samples"
+                )
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` that tells the stream the epoch at each iteration.
+
+    Lightning calls ``set_epoch`` on samplers only, and an iterable data set has none; so the
+    loader asks ``epoch_fn`` (the trainer's current epoch) when an epoch starts, or counts its
+    own iterations when there is no trainer.
+    """
+
+    def __init__(self, dataset: ShardStream, *args: Any, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)
+        self._epoch_fn = epoch_fn
+        self._iterations = 0
+
+    def __iter__(self):
+        epoch = self._epoch_fn() if self._epoch_fn is not None else None
+        self.dataset.set_epoch(self._iterations if epoch is None else epoch)
+        self._iterations += 1
+        return super().__iter__()
