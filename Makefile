@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/masking.py
+	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/pretrain_step.py
 
 clean:
