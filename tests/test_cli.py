@@ -57,7 +57,7 @@ def test_paper_recipe_values():
 @pytest.mark.slow
 def test_smoke_run_trains_and_writes_a_checkpoint(tmp_path):
     cfg = _compose(["experiment=smoke", f"output_dir={tmp_path}", "trainer.max_epochs=1", "data.num_train=64",
-                    "data.num_val=32", "trainer.enable_progress_bar=false"])
+                    "data.num_val=32", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"])
     metric = train(cfg)
     assert metric is not None and metric == metric  # finite float
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
