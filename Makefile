@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo  (install + pre-train on generated data)
+# Two commands on a fresh machine:  make demo  (install, train a tokenizer, pre-train with it)
 #                                   make test  (install + run the test suite)
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,8 +13,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+DEMO_DIR ?= outputs/demo
+
+# The full BEiT path on the embedded generated data, on CPU: a dVAE tokenizer (~3 min), then
+# masked image modeling against its tokens (~20 s).
 demo: $(STAMP)
-	$(BIN)/beit-lightning experiment=smoke
+	$(BIN)/beit-lightning experiment=smoke_tokenizer hydra.run.dir=$(DEMO_DIR)/tokenizer
+	$(BIN)/beit-lightning experiment=smoke tokenizer=dvae tokenizer.checkpoint=$(DEMO_DIR)/tokenizer/tokenizer.pt \
+		tokenizer.vocab_size=512 tokenizer.image_size=64 hydra.run.dir=$(DEMO_DIR)/pretrain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

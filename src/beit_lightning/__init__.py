@@ -3,18 +3,23 @@
 from .checkpoints import load_checkpoint
 from .data import BlockwiseMaskGenerator, GeneratedDataModule
 from .models import BeitForMaskedImageModeling
-from .tasks import MaskedImageModeling
-from .tokenizers import DallETokenizer, VisualTokenizer
+from .tasks import MaskedImageModeling, TokenizerTraining
+from .tokenizers import VQKD, DallETokenizer, DiscreteVAE, VisualTokenizer, load_tokenizer, save_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VQKD",
     "BeitForMaskedImageModeling",
     "BlockwiseMaskGenerator",
     "DallETokenizer",
+    "DiscreteVAE",
     "GeneratedDataModule",
     "MaskedImageModeling",
+    "TokenizerTraining",
     "VisualTokenizer",
     "__version__",
     "load_checkpoint",
+    "load_tokenizer",
+    "save_tokenizer",
 ]

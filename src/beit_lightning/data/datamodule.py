@@ -27,9 +27,9 @@ from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator
 from .shards import generated_records, list_images, write_shards
 from .streaming import EpochLoader, ShardStream, SharedCounter, expand_urls, read_shard_index
-from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform
+from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, TokenizerViewTransform
 
-MODES = ("pretrain", "finetune")
+MODES = ("pretrain", "finetune", "tokenizer")
 
 
 class ClassificationTransform:
@@ -49,7 +49,8 @@ class BeitDataModule(pl.LightningDataModule):
     """Base DataModule: transforms and loaders for pre-training or fine-tuning batches.
 
     Args:
-        mode: ``"pretrain"`` (two views + blockwise mask) or ``"finetune"`` (one augmented view).
+        mode: ``"pretrain"`` (two views + blockwise mask), ``"finetune"`` (one augmented view, timm's
+            transform) or ``"tokenizer"`` (one ``tokenizer_size`` view in [0, 1]).
         batch_size: per-device batch size.
         num_workers: data-loader worker processes per device.
         input_size: side of the backbone view; must match the model's ``img_size``.
@@ -109,6 +110,10 @@ class BeitDataModule(pl.LightningDataModule):
                 input_size, tokenizer_size, self.mask_generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                 color_jitter=0.0, hflip=0.0, mean=mean, std=std,
             )
+        elif mode == "tokenizer":
+            self.mask_generator = None
+            self.train_transform = TokenizerViewTransform(tokenizer_size, scale=scale, hflip=hflip)
+            self.val_transform = TokenizerViewTransform(tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
         else:
             self.mask_generator = None
             self.train_transform = ClassificationTransform(

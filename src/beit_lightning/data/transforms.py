@@ -105,3 +105,24 @@ class BeitPretrainTransform:
         if self.mask_generator is not None:
             sample["mask"] = self.mask_generator()
         return sample
+
+
+class TokenizerViewTransform:
+    """PIL image -> ``{"tokenizer_image"}``: one random-resized crop (Lanczos) in [0, 1], for
+    training a tokenizer on the same kind of view it will encode during pre-training."""
+
+    def __init__(self, size: int = 112, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5, interpolation: str = "lanczos") -> None:
+        self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), float(hflip)
+        self.interpolation = _interpolation(interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, hflip={self.hflip})"
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = img.convert("RGB")
+        if self.hflip and torch.rand(()) < self.hflip:
+            img = TF.hflip(img)
+        top, left, height, width = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        view = TF.resized_crop(img, top, left, height, width, [self.size] * 2, self.interpolation)
+        return {"tokenizer_image": TF.to_tensor(view)}

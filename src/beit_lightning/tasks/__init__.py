@@ -1,5 +1,6 @@
 """LightningModules, one per training task."""
 
 from .pretraining import MaskedImageModeling, NonFiniteLossError
+from .tokenizer import TokenizerTraining
 
-__all__ = ["MaskedImageModeling", "NonFiniteLossError"]
+__all__ = ["MaskedImageModeling", "NonFiniteLossError", "TokenizerTraining"]

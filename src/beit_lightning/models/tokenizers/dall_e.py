@@ -119,6 +119,62 @@ class DallEEncoder(nn.Module):
         return self.blocks(x)
 
 
+class DallEDecoderBlock(nn.Module):
+    """Decoder residual block of the DALL-E family: 1x1 then three 3x3 convolutions, gain-scaled."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers**2)
+        self.id_path = DallEConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            OrderedDict(
+                [
+                    ("relu_1", nn.ReLU()),
+                    ("conv_1", DallEConv2d(n_in, n_hid, 1)),
+                    ("relu_2", nn.ReLU()),
+                    ("conv_2", DallEConv2d(n_hid, n_hid, 3)),
+                    ("relu_3", nn.ReLU()),
+                    ("conv_3", DallEConv2d(n_hid, n_hid, 3)),
+                    ("relu_4", nn.ReLU()),
+                    ("conv_4", DallEConv2d(n_hid, n_out, 3)),
+                ]
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DallEDecoder(nn.Module):
+    """The dVAE decoder: 1x1 stem from (relaxed) one-hot codes, four groups of residual blocks
+    with three 2x nearest upsamplings, and a 1x1 head giving 2 values per channel (the location
+    and log-scale of DALL-E's logit-Laplace pixel distribution). Widths n_hid x (8, 4, 2, 1)."""
+
+    group_count = 4
+
+    def __init__(
+        self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192, output_channels: int = 3
+    ) -> None:
+        super().__init__()
+        n_layers = self.group_count * n_blk_per_group
+        widths = [n_init, 8 * n_hid, 4 * n_hid, 2 * n_hid, n_hid]
+        layers: list[tuple[str, nn.Module]] = [("input", DallEConv2d(vocab_size, n_init, 1))]
+        for g in range(1, self.group_count + 1):
+            group: list[tuple[str, nn.Module]] = []
+            for i in range(n_blk_per_group):
+                n_in = widths[g - 1] if i == 0 else widths[g]
+                group.append((f"block_{i + 1}", DallEDecoderBlock(n_in, widths[g], n_layers)))
+            if g < self.group_count:
+                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(n_hid, 2 * output_channels, 1))]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.blocks(z)
+
+
 class DallETokenizer(VisualTokenizer):
     """DALL-E dVAE encoder as a BEiT tokenizer: ``encode`` maps pixels, runs the encoder, takes argmax.
 

@@ -1,0 +1,183 @@
+"""Training a visual tokenizer: a DALL-E-style dVAE, or BEiT v2's VQ-KD against a frozen teacher.
+
+Logged: the loss and its terms, the reconstruction error (dVAE: mean squared error of images
+decoded from the *discrete* tokens; VQ-KD: cosine similarity to the teacher's features), and
+codebook health: perplexity of the code distribution (``exp`` of its entropy; the number of
+equally used codes it is worth) and the fraction of codes in use over the validation set. dVAE
+image grids (originals above reconstructions) go to TensorBoard, or as PNG files into the log
+folder of other loggers. The trained tokenizer is exported as a small stand-alone checkpoint
+(``export_path``) after every validation and at the end of training.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchvision.utils import make_grid, save_image
+
+from ..models.tokenizers.checkpoint import save_tokenizer
+from ..models.tokenizers.dvae import DiscreteVAE
+from ..models.tokenizers.vqkd import VQKD, teacher_patch_features
+from ..optim import build_adamw, param_groups, warmup_cosine_lambda
+
+__all__ = ["TokenizerTraining", "codebook_usage"]
+
+
+def codebook_usage(histogram: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, fraction of codes used) of a histogram of code counts."""
+    p = histogram.float() / histogram.sum().clamp_min(1)
+    nonzero = p[p > 0]
+    perplexity = float(torch.exp(-(nonzero * nonzero.log()).sum()))
+    return perplexity, float((histogram > 0).float().mean())
+
+
+class TokenizerTraining(pl.LightningModule):
+    """Train ``tokenizer`` (:class:`DiscreteVAE` or :class:`VQKD`) on ``batch["tokenizer_image"]``.
+
+    Args:
+        tokenizer: the model to train.
+        teacher: VQ-KD only: a timm model name (e.g. ``vit_base_patch16_clip_224.openai``) or module;
+            frozen, in eval mode, run without gradients.
+        teacher_pretrained: load the teacher's published weights through timm (needs them locally).
+        lr, min_lr, weight_decay, betas, warmup_steps: AdamW and a per-step warmup + cosine schedule.
+        export_path: where the stand-alone tokenizer checkpoint is written (``None``: not written).
+        num_logged_images: images per reconstruction grid (dVAE).
+    """
+
+    def __init__(
+        self,
+        tokenizer: DiscreteVAE | VQKD,
+        teacher: nn.Module | str | None = None,
+        teacher_pretrained: bool = False,
+        lr: float = 1e-3,
+        min_lr: float = 1e-5,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        export_path: str | None = None,
+        num_logged_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "teacher"])
+        self.tokenizer = tokenizer
+        self.teacher: nn.Module | None = None
+        if isinstance(tokenizer, VQKD):
+            if teacher is None:
+                raise ValueError("VQ-KD needs a teacher: set task.teacher to a timm model name")
+            if isinstance(teacher, str):
+                teacher = timm.create_model(teacher, pretrained=teacher_pretrained, num_classes=0)
+            self.teacher = teacher.eval().requires_grad_(False)
+            cfg = timm.data.resolve_data_config({}, model=self.teacher)
+            self.register_buffer("teacher_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("teacher_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+            if self.teacher.num_features != tokenizer.config["teacher_dim"]:
+                raise ValueError(
+                    f"the teacher has {self.teacher.num_features}-d features but the tokenizer's decoder predicts "
+                    f"{tokenizer.config['teacher_dim']}: set task.tokenizer.teacher_dim={self.teacher.num_features}"
+                )
+        elif not isinstance(tokenizer, DiscreteVAE):
+            raise TypeError(f"can train a DiscreteVAE or a VQKD, not a {type(tokenizer).__name__}")
+        self.register_buffer("val_histogram", torch.zeros(tokenizer.vocab_size, dtype=torch.long), persistent=False)
+        self._val_images: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> TokenizerTraining:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(self.tokenizer, VQKD):
+            with torch.no_grad():
+                targets = teacher_patch_features(
+                    self.teacher, (images - self.teacher_mean) / self.teacher_std, self.tokenizer.grid_size
+                )
+            return self.tokenizer.training_losses(images, targets)
+        return self.tokenizer.training_losses(images, self.global_step)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch["tokenizer_image"])
+        perplexity, used = codebook_usage(torch.bincount(out["codes"].flatten(), minlength=self.tokenizer.vocab_size))
+        self.log("train/loss", out["loss"], prog_bar=True)
+        for key in ("nll", "kl", "recon_mse", "tau", "kl_weight", "cosine", "commitment"):
+            if key in out:
+                self.log(f"train/{key}", out[key], prog_bar=key in ("recon_mse", "cosine"))
+        self.log("train/perplexity", perplexity)
+        self.log("train/codes_used", used)
+        return out["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_histogram.zero_()
+        self._val_images = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        images = batch["tokenizer_image"]
+        out = self.losses(images)
+        tokens = self.tokenizer.encode(images)
+        self.val_histogram += torch.bincount(tokens.flatten(), minlength=self.tokenizer.vocab_size)
+        self.log("val/loss", out["loss"], sync_dist=True, prog_bar=True)
+        if isinstance(self.tokenizer, DiscreteVAE):
+            recon = self.tokenizer.decode(tokens)  # from the discrete tokens, as a user would decode them
+            self.log("val/recon_mse", torch.nn.functional.mse_loss(recon, images), sync_dist=True, prog_bar=True)
+            if self._val_images is None:
+                n = self.hparams.num_logged_images
+                self._val_images = (images[:n].detach().cpu(), recon[:n].detach().cpu())
+        else:
+            self.log("val/cosine", out["cosine"], sync_dist=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        histogram = self.trainer.strategy.reduce(self.val_histogram.clone(), reduce_op="sum")
+        perplexity, used = codebook_usage(histogram)
+        self.log("val/perplexity", perplexity)
+        self.log("val/codes_used", used)
+        if self._val_images is not None and not self.trainer.sanity_checking:
+            self._log_images(*self._val_images)
+        if not self.trainer.sanity_checking:
+            self.export()
+
+    def _log_images(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        grid = make_grid(torch.cat([originals, reconstructions]).clamp(0, 1), nrow=len(originals))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+            elif getattr(logger, "log_dir", None):
+                folder = os.path.join(logger.log_dir, "images")
+                os.makedirs(folder, exist_ok=True)
+                save_image(grid, os.path.join(folder, f"reconstructions_step{self.global_step:07d}.png"))
+
+    def export(self) -> None:
+        """Write the stand-alone tokenizer checkpoint (rank zero)."""
+        path = self.hparams.export_path
+        if path and (self.trainer is None or self.trainer.is_global_zero):
+            save_tokenizer(self.tokenizer, path)
+
+    def on_train_end(self) -> None:
+        self.export()
+
+    # --- the frozen teacher is rebuilt from its name, not stored in every checkpoint --------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            for key, value in self.teacher.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"teacher.{key}", value)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = param_groups(self.tokenizer, hp.weight_decay)
+        optimizer = build_adamw(groups, lr=hp.lr, betas=tuple(hp.betas), fused="mixed" not in str(self.trainer.precision))
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = LambdaLR(optimizer, warmup_cosine_lambda(total, min(hp.warmup_steps, total // 2), hp.min_lr / hp.lr))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
