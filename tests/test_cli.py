@@ -14,7 +14,7 @@ from beit_lightning.cli import ConfigError, train, validate_config
 CONF = Path(__file__).parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # values an experiment may leave to the user (paths to data and weights)
-REQUIRED_BY_USER = {"tokenizer.path", "data.root"}
+REQUIRED_BY_USER = {"tokenizer.path", "data.root", "data.train_urls"}
 
 
 def _compose(overrides):
@@ -33,10 +33,16 @@ def test_every_experiment_composes_and_builds_its_model(experiment, tmp_path):
         assert "required values unset" in text
         unset = text.split("unset: ")[1].split(". Set")[0].split(", ")
         assert set(unset) <= REQUIRED_BY_USER | {f"task.{k}" for k in REQUIRED_BY_USER}, unset
-    with torch.device("meta"):
-        model = instantiate(cfg.task.model)
-    assert model.backbone.default_cfg["architecture"] == cfg.model.name
-    assert model.vocab_size == cfg.tokenizer.vocab_size
+    if "model" in cfg.task:  # masked image modeling: the backbone of model=...
+        with torch.device("meta"):
+            model = instantiate(cfg.task.model)
+        assert model.backbone.default_cfg["architecture"] == cfg.model.name
+        assert model.vocab_size == cfg.tokenizer.vocab_size
+    else:  # tokenizer training: the tokenizer to train, sized for the data's view
+        with torch.device("meta"):
+            tokenizer = instantiate(cfg.task.tokenizer)
+        assert tokenizer.image_size == cfg.data.tokenizer_size
+        assert cfg.data.mode == "tokenizer"
 
 
 def test_paper_recipe_values():
