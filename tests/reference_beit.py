@@ -99,3 +99,41 @@ def random_official_state_dict(embed_dim: int, depth: int, num_heads: int, patch
             f"{p}.mlp.fc2.weight": rnd(d, hidden, scale=0.2), f"{p}.mlp.fc2.bias": rnd(d),
         })
     return sd
+
+
+def reference_classifier_logits(sd: dict, images: torch.Tensor, num_heads: int, patch_size: int) -> torch.Tensor:
+    """Class logits from an official-format *fine-tuned* BEiT state dict: per-block relative
+    position tables, mean of the patch tokens, fc_norm, head."""
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch_size)
+    b, d, h, w = x.shape
+    x = torch.cat([sd["cls_token"].expand(b, 1, d), x.flatten(2).transpose(1, 2)], dim=1)
+    index = relative_position_index(h, w)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    head_dim = d // num_heads
+    for i in range(depth):
+        p = f"blocks.{i}"
+        table = sd[f"{p}.attn.relative_position_bias_table"]
+        bias = table[index.reshape(-1)].reshape(h * w + 1, h * w + 1, num_heads).permute(2, 0, 1)
+        y = layer_norm(x, sd, f"{p}.norm1")
+        qkv_bias = torch.cat([sd[f"{p}.attn.q_bias"], torch.zeros_like(sd[f"{p}.attn.q_bias"]), sd[f"{p}.attn.v_bias"]])
+        q, k, v = (y @ sd[f"{p}.attn.qkv.weight"].T + qkv_bias).reshape(b, -1, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        y = (((q / math.sqrt(head_dim)) @ k.transpose(-1, -2) + bias).softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
+        x = x + sd[f"{p}.gamma_1"] * (y @ sd[f"{p}.attn.proj.weight"].T + sd[f"{p}.attn.proj.bias"])
+        y = F.gelu(layer_norm(x, sd, f"{p}.norm2") @ sd[f"{p}.mlp.fc1.weight"].T + sd[f"{p}.mlp.fc1.bias"])
+        x = x + sd[f"{p}.gamma_2"] * (y @ sd[f"{p}.mlp.fc2.weight"].T + sd[f"{p}.mlp.fc2.bias"])
+    pooled = layer_norm(x[:, 1:].mean(1), sd, "fc_norm")
+    return pooled @ sd["head.weight"].T + sd["head.bias"]
+
+
+def random_official_finetuned_state_dict(embed_dim, depth, num_heads, patch_size, grid, num_classes, seed=0):
+    """A fine-tuned checkpoint in the official layout: per-block tables, fc_norm, head; no norm."""
+    sd = random_official_state_dict(embed_dim, depth, num_heads, patch_size, grid, vocab_size=num_classes, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    shared = sd.pop("rel_pos_bias.relative_position_bias_table")
+    sd.pop("rel_pos_bias.relative_position_index")
+    for i in range(depth):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = shared + 0.1 * torch.randn(shared.shape, generator=g)
+    sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")
+    sd["head.weight"], sd["head.bias"] = sd.pop("lm_head.weight"), sd.pop("lm_head.bias")
+    sd.pop("mask_token")
+    return sd

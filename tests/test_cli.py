@@ -33,11 +33,16 @@ def test_every_experiment_composes_and_builds_its_model(experiment, tmp_path):
         assert "required values unset" in text
         unset = text.split("unset: ")[1].split(". Set")[0].split(", ")
         assert set(unset) <= REQUIRED_BY_USER | {f"task.{k}" for k in REQUIRED_BY_USER}, unset
-    if "model" in cfg.task:  # masked image modeling: the backbone of model=...
+    if "model" in cfg.task:  # masked image modeling, fine-tuning, probing: the network of model=...
         with torch.device("meta"):
             model = instantiate(cfg.task.model)
-        assert model.backbone.default_cfg["architecture"] == cfg.model.name
-        assert model.vocab_size == cfg.tokenizer.vocab_size
+        backbone = getattr(model, "backbone", model)
+        assert backbone.default_cfg["architecture"] == cfg.model.name
+        assert backbone.patch_embed.img_size[0] == cfg.data.input_size
+        if cfg.data.mode == "pretrain":
+            assert model.vocab_size == cfg.tokenizer.vocab_size
+        else:
+            assert backbone.num_classes == cfg.task.get("num_classes", 0) or backbone.num_classes == 0
     else:  # tokenizer training: the tokenizer to train, sized for the data's view
         with torch.device("meta"):
             tokenizer = instantiate(cfg.task.tokenizer)

@@ -1,9 +1,9 @@
 """beit-lightning: BEiT pre-training and fine-tuning as Lightning tasks over timm models."""
 
-from .checkpoints import load_checkpoint
+from .checkpoints import export_timm, load_checkpoint
 from .data import BlockwiseMaskGenerator, GeneratedDataModule
 from .models import BeitForMaskedImageModeling
-from .tasks import MaskedImageModeling, TokenizerTraining
+from .tasks import ImageClassification, LinearProbe, MaskedImageModeling, TokenizerTraining
 from .tokenizers import VQKD, DallETokenizer, DiscreteVAE, VisualTokenizer, load_tokenizer, save_tokenizer
 
 __version__ = "0.1.0"
@@ -15,10 +15,13 @@ __all__ = [
     "DallETokenizer",
     "DiscreteVAE",
     "GeneratedDataModule",
+    "ImageClassification",
+    "LinearProbe",
     "MaskedImageModeling",
     "TokenizerTraining",
     "VisualTokenizer",
     "__version__",
+    "export_timm",
     "load_checkpoint",
     "load_tokenizer",
     "save_tokenizer",

@@ -23,13 +23,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import timm
 import torch
-from timm.models.beit import Beit
+from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
 from .models.beit import BeitForMaskedImageModeling
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "load_checkpoint", "read_state_dict", "to_flat_beit_state_dict"]
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadResult",
+    "export_timm",
+    "load_checkpoint",
+    "read_state_dict",
+    "to_flat_beit_state_dict",
+]
+
+#: keys a fine-tuning target may lack in the checkpoint: they start fresh
+NEW_HEAD_PREFIXES = ("head.", "fc_norm.")
 
 #: keys that only a masked-image-modeling model has
 MIM_ONLY_PREFIXES = ("mask_token", "lm_head.")
@@ -48,6 +59,7 @@ class LoadResult:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
     source: str = ""
 
     def report(self) -> str:
@@ -63,6 +75,8 @@ class LoadResult:
             )
         if self.dropped:
             lines.append(f"dropped on purpose ({len(self.dropped)}): {', '.join(self.dropped)}")
+        if self.initialised:
+            lines.append(f"not in the checkpoint, initialised fresh ({len(self.initialised)}): {', '.join(self.initialised)}")
         return "\n".join(lines)
 
 
@@ -127,40 +141,59 @@ def _expand_shared_rel_pos_bias(flat: dict[str, torch.Tensor], target_keys: set[
                 flat.setdefault(f"blocks.{i}.attn.relative_position_bias_table", table.clone())
 
 
+def _adapt_to_beit(flat: dict[str, torch.Tensor], target: Beit, result: LoadResult, norm_to_fc_norm: bool) -> dict[str, torch.Tensor]:
+    """Make a flat BEiT state dict fit a timm ``Beit``: shared -> per-block position tables,
+    resizing (timm's filter), final norm vs ``fc_norm``, a head of another class count."""
+    target_state = target.state_dict()
+    _expand_shared_rel_pos_bias(flat, set(target_state), result.dropped)
+    # timm's filter resizes tables the target has; keys it does not have are left for the report
+    fits = {k: v for k, v in flat.items() if k in target_state}
+    flat = {**{k: v for k, v in flat.items() if k not in target_state}, **checkpoint_filter_fn(fits, target)}
+    if "fc_norm.weight" in target_state and "norm.weight" not in target_state and "norm.weight" in flat:
+        for suffix in ("weight", "bias"):
+            value = flat.pop(f"norm.{suffix}")
+            if norm_to_fc_norm and "fc_norm.weight" not in flat:
+                flat[f"fc_norm.{suffix}"] = value
+            else:
+                result.dropped.append(f"norm.{suffix} (the target pools first, then applies fc_norm)")
+    for key in ("head.weight", "head.bias"):
+        if key in flat and (key not in target_state or flat[key].shape != target_state[key].shape):
+            result.dropped.append(f"{key} {tuple(flat.pop(key).shape)} (the target has another head)")
+    return flat
+
+
 def load_checkpoint(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     strict: bool = True,
     weights_only: bool = True,
+    norm_to_fc_norm: bool = False,
 ) -> LoadResult:
     """Load BEiT weights into ``model`` (a :class:`BeitForMaskedImageModeling` or a timm ``Beit``).
 
     With ``strict=True`` any missing key, unused key or shape mismatch raises
     :class:`CheckpointMismatchError` listing all of them, and the model is left untouched.
     Keys that cannot apply to the target kind (the LM head and mask token when loading into a
-    plain backbone) are dropped and reported, not errors.
+    plain backbone) are dropped and reported, not errors; a classifier's ``head`` and ``fc_norm``
+    missing from a pre-training checkpoint start fresh (``result.initialised``). With
+    ``norm_to_fc_norm`` a pre-trained final norm initialises a mean-pooling model's ``fc_norm``
+    (used by :func:`export_timm`); by default it is dropped, as the official fine-tuning does.
     """
     state, source = read_state_dict(path_or_state_dict, weights_only=weights_only)
     flat = to_flat_beit_state_dict(state)
     result = LoadResult(source=source)
 
     if isinstance(model, BeitForMaskedImageModeling):
-        target = model.backbone
         head = {k: flat.pop(k) for k in list(flat) if k.startswith(MIM_ONLY_PREFIXES)}
+        flat = {**{f"backbone.{k}": v for k, v in _adapt_to_beit(flat, model.backbone, result, False).items()}, **head}
     elif isinstance(model, Beit):
-        target = model
-        head = {}
         for key in [k for k in flat if k.startswith(MIM_ONLY_PREFIXES)]:
             flat.pop(key)
             result.dropped.append(key)
+        flat = _adapt_to_beit(flat, model, result, norm_to_fc_norm)
     else:
         raise TypeError(f"load_checkpoint expects a BeitForMaskedImageModeling or a timm Beit; got {type(model).__name__}")
-
-    target_state = target.state_dict()
-    _expand_shared_rel_pos_bias(flat, set(target_state), result.dropped)
-    if isinstance(model, BeitForMaskedImageModeling):
-        flat = {**{f"backbone.{k}": v for k, v in flat.items()}, **head}
-        target_state = model.state_dict()
+    target_state = model.state_dict()
 
     to_load = {}
     for key, value in flat.items():
@@ -170,7 +203,10 @@ def load_checkpoint(
             result.mismatched.append((key, tuple(value.shape), tuple(target_state[key].shape)))
         else:
             to_load[key] = value
-    result.missing = [k for k in target_state if k not in flat]
+    for key in target_state:
+        if key not in flat:
+            fresh = isinstance(model, Beit) and key.startswith(NEW_HEAD_PREFIXES)
+            (result.initialised if fresh else result.missing).append(key)
 
     if strict and (result.missing or result.unexpected or result.mismatched):
         raise CheckpointMismatchError(
@@ -180,3 +216,75 @@ def load_checkpoint(
         )
     model.load_state_dict(to_load, strict=False)
     return result
+
+
+def export_timm(
+    model: nn.Module | str | os.PathLike | Mapping[str, Any],
+    path: str | os.PathLike,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write ``model`` as a state dict of timm's own BEiT architecture (per-block relative
+    position tables, mean pooling with ``fc_norm``), loadable with
+    ``timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
+
+    ``model`` is a :class:`BeitForMaskedImageModeling` (a pre-trained encoder: its final norm
+    becomes ``fc_norm``, no head; create the timm model with ``num_classes=0`` or your own),
+    a timm ``Beit`` classifier, or any checkpoint :func:`load_checkpoint` reads. ``.safetensors``
+    paths are written with safetensors, others with ``torch.save``. Returns the state dict.
+    """
+    if not isinstance(model, nn.Module):
+        source = read_state_dict(model)[0]
+        flat = to_flat_beit_state_dict(source)
+        if model_name is None:
+            raise ValueError("exporting a checkpoint file needs model_name (e.g. beit_base_patch16_224)")
+        if num_classes is None:
+            num_classes = int(flat["head.weight"].shape[0]) if "head.weight" in flat else 0
+    else:
+        source = model.state_dict()
+        backbone = model.backbone if isinstance(model, BeitForMaskedImageModeling) else model
+        if not isinstance(backbone, Beit):
+            raise TypeError(f"export_timm expects a BEiT model; got {type(model).__name__}")
+        model_name = model_name or backbone.pretrained_cfg.get("architecture")
+        num_classes = backbone.num_classes if num_classes is None else num_classes
+        img_size = img_size or backbone.patch_embed.img_size[0]
+    kwargs = {"num_classes": num_classes}
+    if img_size:
+        kwargs["img_size"] = img_size
+    target = timm.create_model(model_name, pretrained=False, **kwargs)
+    load_checkpoint(target, source, strict=True, norm_to_fc_norm=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()}
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, tmp)
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, path)
+    return state
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``beit-lightning-export CHECKPOINT OUT --model NAME``: any BEiT checkpoint to a timm file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="beit-lightning-export",
+        description="Turn a BEiT checkpoint (ours, the official release, timm) into a state dict that "
+        "timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUT)) loads.",
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("out", help="output file (.safetensors or .pth)")
+    parser.add_argument("--model", required=True, help="timm model name, e.g. beit_base_patch16_224")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's head, else 0")
+    parser.add_argument("--img-size", type=int, default=None, help="default: the timm model's")
+    args = parser.parse_args(argv)
+    from . import models  # noqa: F401 - registers our model sizes with timm
+
+    state = export_timm(args.checkpoint, args.out, args.model, args.num_classes, args.img_size)
+    print(f"wrote {len(state)} tensors for timm's {args.model} to {args.out}")
+    return 0

@@ -160,6 +160,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     task = instantiate(cfg.task)
     if cfg.get("init_checkpoint"):
+        if not hasattr(task, "model"):
+            raise ConfigError(f"init_checkpoint is set but task {type(task).__name__} has no model to load it into")
         result = load_checkpoint(task.model, cfg.init_checkpoint)
         log.info("initialised from %s\n%s", cfg.init_checkpoint, result.report())
     loggers = _instantiate_all(cfg.get("logger"))

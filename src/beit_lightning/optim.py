@@ -16,7 +16,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["cosine_schedule", "param_groups", "warmup_cosine_lambda"]
+__all__ = [
+    "build_adamw",
+    "configure_adamw_cosine",
+    "cosine_schedule",
+    "layer_decay_param_groups",
+    "param_groups",
+    "schedule_steps",
+    "warmup_cosine_lambda",
+]
 
 
 def _no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -90,3 +98,49 @@ def build_adamw(
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's layer-wise lr decay groups: the embedding gets ``layer_decay ** (L + 1)``, block ``i``
+    ``layer_decay ** (L - i)``, the final norm and the head 1.0 (``L`` blocks; as BEiT's
+    fine-tuning code). Each group's ``lr_scale`` multiplies the scheduled learning rate."""
+    from timm.optim import param_groups_layer_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
+def schedule_steps(trainer, warmup_epochs: float | None, warmup_steps: int | None) -> tuple[int, int]:
+    """(total optimiser steps, warmup steps) of a Lightning run; warmup given in epochs needs a
+    data set with a length (an iterable one gives its epoch length through ``__len__``)."""
+    total = int(trainer.estimated_stepping_batches)
+    if warmup_steps is not None:
+        return total, int(warmup_steps)
+    batches = trainer.num_training_batches
+    if batches == float("inf") or batches <= 0:
+        raise ValueError(
+            "warmup_epochs needs a known number of batches per epoch; the training data has no length. "
+            "Set task.warmup_steps instead."
+        )
+    steps_per_epoch = max(1, int(batches) // trainer.accumulate_grad_batches)
+    return total, int(round((warmup_epochs or 0) * steps_per_epoch))
+
+
+def configure_adamw_cosine(
+    trainer,
+    groups: list[dict],
+    lr: float,
+    min_lr: float,
+    betas: tuple[float, float],
+    warmup_epochs: float | None = None,
+    warmup_steps: int | None = None,
+) -> dict:
+    """``configure_optimizers`` output: AdamW over ``groups`` (each at ``lr * lr_scale``) with a
+    per-step linear warmup then cosine to ``min_lr * lr_scale``."""
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    mixed = "mixed" in str(trainer.precision)  # Lightning cannot clip gradients of fused AdamW there
+    optimizer = build_adamw(groups, lr=lr, betas=tuple(betas), fused=not mixed)
+    total, warmup = schedule_steps(trainer, warmup_epochs, warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(total, warmup, min_lr / lr))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,6 +1,8 @@
 """LightningModules, one per training task."""
 
+from .classification import ImageClassification
+from .linear_probe import LinearProbe
 from .pretraining import MaskedImageModeling, NonFiniteLossError
 from .tokenizer import TokenizerTraining
 
-__all__ = ["MaskedImageModeling", "NonFiniteLossError", "TokenizerTraining"]
+__all__ = ["ImageClassification", "LinearProbe", "MaskedImageModeling", "NonFiniteLossError", "TokenizerTraining"]

@@ -17,12 +17,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models.beit import BeitForMaskedImageModeling
 from ..models.tokenizers.base import VisualTokenizer
-from ..optim import build_adamw, cosine_schedule, param_groups, warmup_cosine_lambda
+from ..optim import configure_adamw_cosine, cosine_schedule, param_groups, schedule_steps
 
 __all__ = ["MaskedImageModeling", "NonFiniteLossError"]
 
@@ -122,35 +121,19 @@ class MaskedImageModeling(pl.LightningModule):
             )
 
     # --- optimisation ----------------------------------------------------------------------
-    def _total_and_warmup_steps(self) -> tuple[int, int]:
-        total = int(self.trainer.estimated_stepping_batches)
-        if self.hparams.warmup_steps is not None:
-            return total, int(self.hparams.warmup_steps)
-        batches = self.trainer.num_training_batches
-        if batches == float("inf") or batches <= 0:
-            raise ValueError(
-                "warmup_epochs needs a known number of batches per epoch; the training data has no length. "
-                "Set task.warmup_steps instead."
-            )
-        steps_per_epoch = max(1, int(batches) // self.trainer.accumulate_grad_batches)
-        return total, int(round(self.hparams.warmup_epochs * steps_per_epoch))
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay)
-        mixed = "mixed" in str(self.trainer.precision)  # Lightning cannot clip with fused AdamW there
-        optimizer = build_adamw(groups, lr=hp.lr, betas=tuple(hp.betas), fused=not mixed)
-        total, warmup = self._total_and_warmup_steps()
-        self._schedule_steps = (total, warmup)
-        scheduler = LambdaLR(optimizer, warmup_cosine_lambda(total, warmup, hp.min_lr / hp.lr))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        self._total_steps, _ = schedule_steps(self.trainer, hp.warmup_epochs, hp.warmup_steps)
+        return configure_adamw_cosine(
+            self.trainer, param_groups(self.model, hp.weight_decay), hp.lr, hp.min_lr, hp.betas,
+            hp.warmup_epochs, hp.warmup_steps,
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
         if hp.weight_decay_end is None:
             return
-        total, _ = self._schedule_steps
-        wd = cosine_schedule(self.global_step, total, 0, hp.weight_decay, hp.weight_decay_end)
+        wd = cosine_schedule(self.global_step, self._total_steps, 0, hp.weight_decay, hp.weight_decay_end)
         for group in self.optimizers().optimizer.param_groups:
             if group["weight_decay"] > 0:
                 group["weight_decay"] = wd

@@ -19,13 +19,12 @@ import timm
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchvision.utils import make_grid, save_image
 
 from ..models.tokenizers.checkpoint import save_tokenizer
 from ..models.tokenizers.dvae import DiscreteVAE
 from ..models.tokenizers.vqkd import VQKD, teacher_patch_features
-from ..optim import build_adamw, param_groups, warmup_cosine_lambda
+from ..optim import configure_adamw_cosine, param_groups
 
 __all__ = ["TokenizerTraining", "codebook_usage"]
 
@@ -176,8 +175,6 @@ class TokenizerTraining(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        warmup = min(hp.warmup_steps, int(self.trainer.estimated_stepping_batches) // 2)
         groups = param_groups(self.tokenizer, hp.weight_decay)
-        optimizer = build_adamw(groups, lr=hp.lr, betas=tuple(hp.betas), fused="mixed" not in str(self.trainer.precision))
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = LambdaLR(optimizer, warmup_cosine_lambda(total, min(hp.warmup_steps, total // 2), hp.min_lr / hp.lr))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, warmup_steps=warmup)

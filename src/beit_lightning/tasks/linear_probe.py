@@ -1,0 +1,97 @@
+"""Linear probing as BEiT's official evaluation does it: the encoder is frozen (eval mode, no
+gradients), and one linear classifier per block is trained at once on concat(CLS token, mean of
+the patch tokens) of that block's output; the validation accuracy of every block is logged and
+the best block reported. Each head sees its features through a BatchNorm without affine
+parameters (as MAE's linear probe), which makes one learning rate fit all blocks' scales.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..optim import configure_adamw_cosine
+
+__all__ = ["LinearProbe"]
+
+
+class LinearProbe(pl.LightningModule):
+    """Task ``linear_probe``.
+
+    Args:
+        model: a timm ``Beit`` (or any timm ViT with ``forward_intermediates``), loaded from a
+            pre-trained checkpoint by ``init_checkpoint``; it is frozen here.
+        num_classes: number of classes.
+        blocks: which blocks to probe (0-based); ``None``: all.
+        lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps: the heads' optimiser.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        blocks: list[int] | None = None,
+        lr: float = 1e-3,
+        min_lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        warmup_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model.eval().requires_grad_(False)
+        depth = len(model.blocks)
+        self.blocks = list(range(depth)) if blocks is None else [int(b) for b in blocks]
+        if not self.blocks or min(self.blocks) < 0 or max(self.blocks) >= depth:
+            raise ValueError(f"blocks must be indices in [0, {depth - 1}]; got {blocks}")
+        dim = 2 * model.embed_dim
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)) for _ in self.blocks
+        )
+        self.accuracies = nn.ModuleList(MulticlassAccuracy(num_classes=num_classes, average="micro") for _ in self.blocks)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """concat(CLS, mean patch token) of every probed block's output."""
+        outs = self.model.forward_intermediates(
+            images, indices=self.blocks, return_prefix_tokens=True, norm=False, output_fmt="NLC",
+            intermediates_only=True,
+        )
+        return [torch.cat([prefix[:, 0], patches.mean(1)], dim=-1).float() for patches, prefix in outs]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        feats = self.features(batch["image"])
+        losses = [F.cross_entropy(head(f), batch["label"]) for head, f in zip(self.heads, feats, strict=True)]
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss / len(losses), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        feats = self.features(batch["image"])
+        for head, f, acc in zip(self.heads, feats, self.accuracies, strict=True):
+            acc.update(head(f), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = [acc.compute() for acc in self.accuracies]  # synced across ranks by torchmetrics
+        for block, value, acc in zip(self.blocks, values, self.accuracies, strict=True):
+            self.log(f"val/acc1_block{block}", value)
+            acc.reset()
+        best = int(torch.stack(values).argmax())
+        self.log("val/acc1", values[best], prog_bar=True)
+        self.log("val/best_block", float(self.blocks[best]))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [{"params": list(self.heads.parameters()), "weight_decay": hp.weight_decay}]
+        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps)
