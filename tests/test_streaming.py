@@ -144,3 +144,32 @@ def test_image_folder_labelled_and_unlabeled(tmp_path):
     nested = ImageFolderDataModule(str(tmp_path / "labelled"), labelled=False, **kw)
     nested.setup()
     assert len(nested.train_set) == 6 and {nested.train_set[i]["label"].item() for i in range(6)} == {-1}
+
+
+def _identify_and_draw(img):
+    """The sample's id plus random draws from the generators augmentations use."""
+    import random as pyrandom
+
+    import numpy as np
+
+    return {**_identify(img), "draw": torch.tensor([torch.rand(()).item(), pyrandom.random(), np.random.rand()])}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_continues_with_the_same_samples_and_augmentation(tmp_path, workers):
+    write_shards(_id_records(48), str(tmp_path), samples_per_shard=6)
+    stream = ShardStream(_urls(tmp_path, 8), _identify_and_draw, samples_per_epoch=48, batch_size=4,
+                         num_workers=workers, shuffle_buffer=8, seed=5)
+    stream.set_epoch(2)
+    full = list(DataLoader(stream, batch_size=4, num_workers=workers))
+    stream.set_epoch(2, skip_batches=5)
+    rest = list(DataLoader(stream, batch_size=4, num_workers=workers))
+    assert len(full) == 12 and len(rest) == 7
+    for a, b in zip(full[5:], rest, strict=True):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["draw"], b["draw"])
+    # augmentation in the training process leaves the process's own random state alone
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(ShardStream(_urls(tmp_path, 8), _identify_and_draw, samples_per_epoch=8))
+    assert torch.equal(torch.rand(3), expected)

@@ -14,14 +14,17 @@ import math
 from collections.abc import Iterable
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 __all__ = [
     "build_adamw",
     "configure_adamw_cosine",
     "cosine_schedule",
+    "effective_batch_size",
     "layer_decay_param_groups",
     "param_groups",
+    "scale_lr",
     "schedule_steps",
     "warmup_cosine_lambda",
 ]
@@ -126,6 +129,36 @@ def schedule_steps(trainer, warmup_epochs: float | None, warmup_steps: int | Non
     return total, int(round((warmup_epochs or 0) * steps_per_epoch))
 
 
+def effective_batch_size(trainer) -> int | None:
+    """Samples per optimiser step over all ranks: per-device batch x world size x accumulation."""
+    per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if per_device is None:
+        loader = getattr(trainer.fit_loop, "_combined_loader", None)
+        per_device = getattr(getattr(loader, "flattened", [None])[0], "batch_size", None) if loader else None
+    if per_device is None:
+        return None
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def scale_lr(trainer, lr: float, min_lr: float, lr_base_batch: int | None) -> tuple[float, float]:
+    """The linear scaling rule: ``lr`` and ``min_lr`` are given for a total batch of
+    ``lr_base_batch`` (BEiT: 1.5e-3 at 2048) and scaled to the run's effective batch; the
+    figures are logged at start. ``lr_base_batch=None`` uses ``lr`` as it is."""
+    batch = effective_batch_size(trainer)
+    if lr_base_batch is None:
+        rank_zero_info(f"effective batch {batch}, peak lr {lr:g} (not scaled: lr_base_batch is unset)")
+        return lr, min_lr
+    if batch is None:
+        raise ValueError("lr_base_batch is set but the per-device batch size is unknown: use a beit_lightning DataModule")
+    factor = batch / lr_base_batch
+    rank_zero_info(
+        f"effective batch {batch} = {batch // (trainer.world_size * trainer.accumulate_grad_batches)} per device x "
+        f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulation; peak lr {lr:g} x "
+        f"{batch}/{lr_base_batch} = {lr * factor:g}"
+    )
+    return lr * factor, min_lr * factor
+
+
 def configure_adamw_cosine(
     trainer,
     groups: list[dict],
@@ -134,9 +167,12 @@ def configure_adamw_cosine(
     betas: tuple[float, float],
     warmup_epochs: float | None = None,
     warmup_steps: int | None = None,
+    lr_base_batch: int | None = None,
 ) -> dict:
     """``configure_optimizers`` output: AdamW over ``groups`` (each at ``lr * lr_scale``) with a
-    per-step linear warmup then cosine to ``min_lr * lr_scale``."""
+    per-step linear warmup then cosine to ``min_lr * lr_scale``; ``lr`` and ``min_lr`` are first
+    scaled to the effective batch by :func:`scale_lr`."""
+    lr, min_lr = scale_lr(trainer, lr, min_lr, lr_base_batch)
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     mixed = "mixed" in str(trainer.precision)  # Lightning cannot clip gradients of fused AdamW there

@@ -301,25 +301,31 @@ class ImageShardsDataModule(BeitDataModule):
                 val = expand_urls(self.val_urls)
                 self.val_stream = self._stream(val, self._count(val, self.val_samples, "validation"), False)
 
-    def _epoch(self) -> int | None:
-        return self.trainer.current_epoch if self.trainer is not None else None
+    def _train_position(self) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained): not 0 after a mid-epoch resume."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        per_epoch = len(self.train_stream) // self.batch_size
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+        return trainer.current_epoch, min(max(0, done), per_epoch)
 
-    def _stream_loader(self, stream: ShardStream, epoch_fn) -> EpochLoader:
+    def _stream_loader(self, stream: ShardStream, position_fn) -> EpochLoader:
         return EpochLoader(
             stream,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            epoch_fn=epoch_fn,
+            position_fn=position_fn,
         )
 
     def train_dataloader(self) -> EpochLoader:
-        return self._stream_loader(self.train_stream, self._epoch)
+        return self._stream_loader(self.train_stream, self._train_position)
 
     def val_dataloader(self) -> EpochLoader | list:
-        # validation reads the same samples every time: epoch 0's plan, no shuffling
-        return self._stream_loader(self.val_stream, lambda: 0) if self.val_stream is not None else []
+        # validation reads the same samples every time: epoch 0's plan from its start, no shuffling
+        return self._stream_loader(self.val_stream, lambda: (0, 0)) if self.val_stream is not None else []
 
 
 def default_cache_dir() -> str:

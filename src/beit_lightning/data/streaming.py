@@ -18,15 +18,19 @@ Every (rank, worker) pair is a *slot*; a run has ``world_size x num_workers`` sl
 Samples are shuffled in a buffer, decoded with PIL and transformed; undecodable samples and
 unreadable tar data are skipped with a warning and counted in a counter shared across workers.
 All random draws of the transform (crops, jitter, flips, masks, RandAugment) follow a random
-state seeded from ``(seed, epoch, slot)``: augmentation is reproducible per epoch. In a worker
-process the globals are seeded at the start of each epoch; in the training process itself
-(``num_workers=0``) a private state is swapped in around each sample, so the model's random
+state seeded from ``(seed, epoch, slot, sample index)``: augmentation is reproducible sample by
+sample. In a worker process the global generators are seeded before each sample; in the training
+process itself (``num_workers=0``) a private state is swapped in instead, so the model's random
 state is neither used nor disturbed.
+
+Resuming mid-epoch: ``set_epoch(epoch, skip_batches=n)`` makes every slot pass over the samples
+of the ``n`` batches its rank already consumed (read, not decoded) and continue from there, with
+the same order and augmentation as an uninterrupted run. (A corrupt sample inside the skipped
+part shifts the alignment by one sample.) :class:`EpochLoader` takes ``n`` from the trainer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -180,11 +184,14 @@ class ShardStream(IterableDataset):
         self.resampled, self.shuffle, self.shuffle_buffer, self.seed = resampled, shuffle, shuffle_buffer, seed
         self.skipped = skipped if skipped is not None else SharedCounter()
         self._epoch = SharedCounter(0)
+        self._skip_batches = SharedCounter(0)
 
     # --- epoch and sizes -------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Shard order, sample order and augmentation of the next iteration follow ``epoch``."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Shard order, sample order and augmentation of the next iteration follow ``epoch``; the
+        first ``skip_batches`` batches of this rank (already trained on) are passed over."""
         self._epoch.value = epoch
+        self._skip_batches.value = skip_batches
 
     @property
     def epoch(self) -> int:
@@ -258,22 +265,26 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Batches are taken from the workers in turn: worker w makes batches w, w + W, w + 2W, ...
+        # After `consumed` batches the loader starts again at worker 0, so worker w takes over the
+        # place of worker (w + consumed) mod W and its remaining batches keep the uninterrupted order.
+        consumed = self._skip_batches.value
+        worker = (worker + consumed) % workers
         slot, slots = self.rank * workers + worker, self.world_size * workers
         epoch = self.epoch
         seed = _stream_seed(self.seed, epoch, slot)
         rng = random.Random(seed)
-        if info is not None:
-            seed_globals(seed + 1)
-            randomness = contextlib.nullcontext()
-        else:
-            randomness = PrivateRandomness(seed + 1)
-        wanted, produced, failures = self.per_worker(workers), 0, 0
+        skip = (max(0, consumed - worker) + workers - 1) // workers * self.batch_size
+        wanted, produced, failures = self.per_worker(workers), skip, 0
         for samples in self._passes(slot, slots, epoch, rng):
             read_in_pass = 0
             for sample in samples:
                 if produced >= wanted:
                     return
                 read_in_pass += 1
+                if skip:
+                    skip -= 1
+                    continue
                 decoded = self._decode(sample)
                 if decoded is None:
                     failures += 1
@@ -282,8 +293,13 @@ class ShardStream(IterableDataset):
                     continue
                 failures = 0
                 img, label = decoded
-                with randomness:
+                sample_seed = _stream_seed(self.seed, epoch, slot, produced)
+                if info is not None:  # a worker process: its global generators are the pipeline's own
+                    seed_globals(sample_seed)
                     out = self.sample_transform(img)
+                else:
+                    with PrivateRandomness(sample_seed):
+                        out = self.sample_transform(img)
                 out["label"] = torch.tensor(label, dtype=torch.long)
                 produced += 1
                 yield out
@@ -297,20 +313,25 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader over a :class:`ShardStream` that tells the stream the epoch at each iteration.
+    """A DataLoader over a :class:`ShardStream` that tells the stream where training stands.
 
-    Lightning calls ``set_epoch`` on samplers only, and an iterable data set has none; so the
-    loader asks ``epoch_fn`` (the trainer's current epoch) when an epoch starts, or counts its
-    own iterations when there is no trainer.
+    Lightning calls ``set_epoch`` on samplers only, and an iterable data set has none; so at each
+    iteration the loader asks ``position_fn`` for ``(epoch, batches of this epoch already done)``
+    (from the trainer: after a mid-epoch resume the second number is not 0), or counts its own
+    iterations when there is no trainer.
     """
 
-    def __init__(self, dataset: ShardStream, *args: Any, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any):
+    def __init__(
+        self, dataset: ShardStream, *args: Any, position_fn: Callable[[], tuple[int, int] | None] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(dataset, *args, **kwargs)
-        self._epoch_fn = epoch_fn
+        self._position_fn = position_fn
         self._iterations = 0
 
     def __iter__(self):
-        epoch = self._epoch_fn() if self._epoch_fn is not None else None
-        self.dataset.set_epoch(self._iterations if epoch is None else epoch)
+        position = self._position_fn() if self._position_fn is not None else None
+        epoch, done = (self._iterations, 0) if position is None else position
+        self.dataset.set_epoch(epoch, skip_batches=done)
         self._iterations += 1
         return super().__iter__()

@@ -39,6 +39,8 @@ class ImageClassification(pl.LightningModule):
         mixup, cutmix, mixup_prob, mixup_switch_prob: timm ``Mixup`` (0.8, 1.0); 0 and 0 disable it.
         label_smoothing: 0.1.
         ema_decay: keep an EMA of the weights (e.g. 0.9999) and validate it too; ``None`` disables.
+        lr_base_batch: the total batch ``lr`` and ``min_lr`` are given for; they are scaled linearly
+            to the run's effective batch (per-device batch x devices x accumulation). ``None``: as given.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ImageClassification(pl.LightningModule):
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
+        lr_base_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -124,4 +127,4 @@ class ImageClassification(pl.LightningModule):
             groups = layer_decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
         else:
             groups = param_groups(self.model, hp.weight_decay)
-        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps)
+        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch)

@@ -29,6 +29,8 @@ class LinearProbe(pl.LightningModule):
         num_classes: number of classes.
         blocks: which blocks to probe (0-based); ``None``: all.
         lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps: the heads' optimiser.
+        lr_base_batch: the total batch ``lr`` and ``min_lr`` are given for; they are scaled linearly
+            to the run's effective batch (per-device batch x devices x accumulation). ``None``: as given.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class LinearProbe(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 1.0,
         warmup_steps: int | None = None,
+        lr_base_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -94,4 +97,4 @@ class LinearProbe(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = [{"params": list(self.heads.parameters()), "weight_decay": hp.weight_decay}]
-        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps)
+        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch)

@@ -46,6 +46,8 @@ class MaskedImageModeling(pl.LightningModule):
         warmup_epochs: linear warmup length in epochs (10), used when ``warmup_steps`` is None.
         warmup_steps: linear warmup length in optimiser steps.
         check_finite_loss: stop with :class:`NonFiniteLossError` on a NaN/inf loss (all ranks agree).
+        lr_base_batch: the total batch ``lr`` and ``min_lr`` are given for; they are scaled linearly
+            to the run's effective batch (per-device batch x devices x accumulation). ``None``: as given.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class MaskedImageModeling(pl.LightningModule):
         warmup_epochs: float = 10.0,
         warmup_steps: int | None = None,
         check_finite_loss: bool = True,
+        lr_base_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "tokenizer"])
@@ -126,7 +129,7 @@ class MaskedImageModeling(pl.LightningModule):
         self._total_steps, _ = schedule_steps(self.trainer, hp.warmup_epochs, hp.warmup_steps)
         return configure_adamw_cosine(
             self.trainer, param_groups(self.model, hp.weight_decay), hp.lr, hp.min_lr, hp.betas,
-            hp.warmup_epochs, hp.warmup_steps,
+            hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch,
         )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
