@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 
 class SkippedSamplesMonitor(pl.Callback):
@@ -15,3 +19,30 @@ class SkippedSamplesMonitor(pl.Callback):
         count = getattr(datamodule, "skipped_samples", None)
         if count is not None:
             pl_module.log("data/skipped", float(count), reduce_fx="sum", sync_dist=True)
+
+
+class RandomStateCheckpoint(pl.Callback):
+    """Save the training process's random state (torch, CUDA, NumPy, Python) in every checkpoint
+    and restore it on resume, so that drop path and the other random draws of training continue
+    as in an uninterrupted run. (Data augmentation is seeded per sample by the data streams.)
+    The state is kept as tensors and plain tuples, so checkpoints stay loadable weights-only."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
