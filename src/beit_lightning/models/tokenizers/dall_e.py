@@ -58,31 +58,38 @@ class DallEConv2d(nn.Module):
         return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
 
-class DallEEncoderBlock(nn.Module):
-    """Residual block: identity (or 1x1 conv) path plus a gain-scaled 4-conv bottleneck path."""
+class DallEResidualBlock(nn.Module):
+    """Residual block of the DALL-E family: identity (or 1x1 conv) path plus a gain-scaled
+    bottleneck of four convolutions (``relu_k``/``conv_k``, as OpenAI names them)."""
+
+    #: kernel sizes of conv_1..conv_4
+    kernel_sizes: tuple[int, int, int, int] = (3, 3, 3, 1)
 
     def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / (n_layers**2)
         self.id_path = DallEConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                [
-                    ("relu_1", nn.ReLU()),
-                    ("conv_1", DallEConv2d(n_in, n_hid, 3)),
-                    ("relu_2", nn.ReLU()),
-                    ("conv_2", DallEConv2d(n_hid, n_hid, 3)),
-                    ("relu_3", nn.ReLU()),
-                    ("conv_3", DallEConv2d(n_hid, n_hid, 3)),
-                    ("relu_4", nn.ReLU()),
-                    ("conv_4", DallEConv2d(n_hid, n_out, 1)),
-                ]
-            )
-        )
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers: list[tuple[str, nn.Module]] = []
+        for k, kw in enumerate(self.kernel_sizes, start=1):
+            layers += [(f"relu_{k}", nn.ReLU()), (f"conv_{k}", DallEConv2d(widths[k - 1], widths[k], kw))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DallEEncoderBlock(DallEResidualBlock):
+    """Encoder block: three 3x3 convolutions then a 1x1."""
+
+    kernel_sizes = (3, 3, 3, 1)
+
+
+class DallEDecoderBlock(DallEResidualBlock):
+    """Decoder block: a 1x1 convolution then three 3x3."""
+
+    kernel_sizes = (1, 3, 3, 3)
 
 
 class DallEEncoder(nn.Module):
@@ -117,33 +124,6 @@ class DallEEncoder(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.input_channels:
             raise ValueError(f"expected B x {self.input_channels} x H x W input; got {tuple(x.shape)}")
         return self.blocks(x)
-
-
-class DallEDecoderBlock(nn.Module):
-    """Decoder residual block of the DALL-E family: 1x1 then three 3x3 convolutions, gain-scaled."""
-
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / (n_layers**2)
-        self.id_path = DallEConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                [
-                    ("relu_1", nn.ReLU()),
-                    ("conv_1", DallEConv2d(n_in, n_hid, 1)),
-                    ("relu_2", nn.ReLU()),
-                    ("conv_2", DallEConv2d(n_hid, n_hid, 3)),
-                    ("relu_3", nn.ReLU()),
-                    ("conv_3", DallEConv2d(n_hid, n_hid, 3)),
-                    ("relu_4", nn.ReLU()),
-                    ("conv_4", DallEConv2d(n_hid, n_out, 3)),
-                ]
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
 class DallEDecoder(nn.Module):
