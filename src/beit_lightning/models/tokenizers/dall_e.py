@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,6 +93,28 @@ class DallEDecoderBlock(DallEResidualBlock):
     kernel_sizes = (1, 3, 3, 3)
 
 
+def _residual_groups(
+    block: type[DallEResidualBlock],
+    widths: list[int],
+    n_blk_per_group: int,
+    n_layers: int,
+    resample_name: str,
+    resample: Callable[[], nn.Module],
+) -> list[tuple[str, nn.Module]]:
+    """``group_1``..``group_N`` of the encoder or decoder: group g goes from ``widths[g-1]`` to
+    ``widths[g]`` channels, and every group but the last ends with a resampling layer. The module
+    names are OpenAI's, so that the published state dict loads unchanged."""
+    groups: list[tuple[str, nn.Module]] = []
+    for g in range(1, len(widths)):
+        group: list[tuple[str, nn.Module]] = [
+            (f"block_{i + 1}", block(widths[g - 1] if i == 0 else widths[g], widths[g], n_layers)) for i in range(n_blk_per_group)
+        ]
+        if g < len(widths) - 1:
+            group.append((resample_name, resample()))
+        groups.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+    return groups
+
+
 class DallEEncoder(nn.Module):
     """The dVAE encoder: 7x7 stem, four groups of residual blocks (three 2x max-pools), 1x1 logits.
 
@@ -109,14 +132,7 @@ class DallEEncoder(nn.Module):
         n_layers = self.group_count * n_blk_per_group
         widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
         layers: list[tuple[str, nn.Module]] = [("input", DallEConv2d(input_channels, n_hid, 7))]
-        for g in range(1, self.group_count + 1):
-            group: list[tuple[str, nn.Module]] = []
-            for i in range(n_blk_per_group):
-                n_in = widths[g - 1] if i == 0 else widths[g]
-                group.append((f"block_{i + 1}", DallEEncoderBlock(n_in, widths[g], n_layers)))
-            if g < self.group_count:
-                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
-            layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        layers += _residual_groups(DallEEncoderBlock, widths, n_blk_per_group, n_layers, "pool", lambda: nn.MaxPool2d(kernel_size=2))
         layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(8 * n_hid, vocab_size, 1))]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
@@ -140,14 +156,9 @@ class DallEDecoder(nn.Module):
         n_layers = self.group_count * n_blk_per_group
         widths = [n_init, 8 * n_hid, 4 * n_hid, 2 * n_hid, n_hid]
         layers: list[tuple[str, nn.Module]] = [("input", DallEConv2d(vocab_size, n_init, 1))]
-        for g in range(1, self.group_count + 1):
-            group: list[tuple[str, nn.Module]] = []
-            for i in range(n_blk_per_group):
-                n_in = widths[g - 1] if i == 0 else widths[g]
-                group.append((f"block_{i + 1}", DallEDecoderBlock(n_in, widths[g], n_layers)))
-            if g < self.group_count:
-                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
-            layers.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        layers += _residual_groups(
+            DallEDecoderBlock, widths, n_blk_per_group, n_layers, "upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest")
+        )
         layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(n_hid, 2 * output_channels, 1))]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
