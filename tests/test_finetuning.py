@@ -34,8 +34,11 @@ def test_layer_decay_scales_follow_the_formula_for_a_12_layer_model():
             assert scale[id(names[name])] == pytest.approx(0.65 ** (12 - i)), name  # block i: decay^(L - i)
     for name in ("fc_norm.weight", "head.weight", "head.bias"):
         assert scale[id(names[name])] == pytest.approx(1.0), name
-    assert decay[id(names["blocks.3.attn.qkv.weight"])] == 0.05
-    for name in ("cls_token", "blocks.3.attn.relative_position_bias_table", "blocks.3.gamma_1", "head.bias", "blocks.0.norm1.weight"):
+    # weight decay as the official optim_factory.py with no_weight_decay() == {pos_embed, cls_token}: the
+    # per-block relative position tables are decayed (--disable_weight_decay_on_rel_pos_bias is off)
+    for name in ("blocks.3.attn.qkv.weight", "blocks.3.attn.relative_position_bias_table", "head.weight"):
+        assert decay[id(names[name])] == 0.05, name
+    for name in ("cls_token", "blocks.3.gamma_1", "blocks.3.attn.q_bias", "head.bias", "blocks.0.norm1.weight"):
         assert decay[id(names[name])] == 0.0, name
 
 
@@ -141,12 +144,21 @@ def test_linear_probe_trains_heads_with_the_backbone_frozen(tmp_path):
     pl.seed_everything(0)
     backbone = _classifier(num_classes=0)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
-    probe = LinearProbe(backbone, num_classes=10, lr=1e-2, warmup_steps=2)
-    heads_before = [h[1].weight.clone() for h in probe.heads]
+    probe = LinearProbe(backbone, num_classes=10, lr=1e-2, lr_base_batch=None)
+    # the official heads: one plain Linear per block, N(0, 0.01), bias 0, no normalisation
+    assert all(type(h) is torch.nn.Linear and h.in_features == 2 * backbone.embed_dim for h in probe.heads)
+    weights = torch.cat([h.weight.flatten() for h in probe.heads])
+    assert abs(weights.std().item() - 0.01) < 0.001 and all(torch.equal(h.bias, torch.zeros(10)) for h in probe.heads)
+    heads_before = [h.weight.clone() for h in probe.heads]
     trainer = _fit(probe, _data(tmp_path, n=160), tmp_path, epochs=2)
     assert all(torch.equal(frozen[k], v) for k, v in backbone.state_dict().items()), "the encoder must not change"
     assert all(p.grad is None for p in backbone.parameters())
-    assert all(not torch.equal(b, h[1].weight) for b, h in zip(heads_before, probe.heads, strict=True))
+    assert all(not torch.equal(b, h.weight) for b, h in zip(heads_before, probe.heads, strict=True))
+    # AdamW wd 1e-4 on every head parameter; cosine stepped per epoch from 1e-2 to 0 over 2 epochs, no warmup
+    (group,) = trainer.optimizers[0].param_groups
+    assert group["weight_decay"] == 1e-4 and len(group["params"]) == 2 * len(probe.heads)
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "epoch" and scheduler.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     metrics = trainer.callback_metrics
     assert {"val/acc1_block0", "val/acc1_block1", "val/acc1", "val/best_block"} <= set(metrics)
     assert float(metrics["val/acc1"]) == max(float(metrics["val/acc1_block0"]), float(metrics["val/acc1_block1"]))

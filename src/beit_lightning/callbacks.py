@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 
 class SkippedSamplesMonitor(pl.Callback):
@@ -46,3 +47,41 @@ class RandomStateCheckpoint(pl.Callback):
         random.setstate((version, tuple(internal), gauss_next))
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class NewestCheckpoint(ModelCheckpoint):
+    """The one owner of ``last.ckpt``: a ``ModelCheckpoint`` that saves every
+    ``every_n_train_steps`` optimiser steps (keeping ``save_top_k`` of those files) and writes
+    ``last.ckpt`` at each of those steps *and* at the end of every training epoch (after
+    validation), so ``last.ckpt`` always holds the newest state of the run.
+
+    Why: two ``ModelCheckpoint`` callbacks with ``save_last=True`` in one folder write
+    ``last.ckpt`` and ``last-v1.ckpt``, and Lightning's own ``save_last`` writes only at the steps
+    its callback saves, so neither file is always the newest. Give every other checkpoint
+    callback ``save_last: false``. Saving goes through Lightning (a temporary file renamed into
+    place), so a killed process never leaves a truncated ``last.ckpt``.
+    """
+
+    def __init__(self, *args, save_last: bool = True, **kwargs) -> None:
+        if not save_last:
+            raise ValueError("NewestCheckpoint exists to write last.ckpt: use ModelCheckpoint for save_last=False")
+        super().__init__(*args, save_last=True, **kwargs)
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        # _should_skip_saving_checkpoint is true when this callback already saved at this step
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)

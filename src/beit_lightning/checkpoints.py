@@ -35,6 +35,7 @@ __all__ = [
     "LoadResult",
     "export_timm",
     "load_checkpoint",
+    "newest_checkpoint",
     "read_state_dict",
     "to_flat_beit_state_dict",
 ]
@@ -78,6 +79,35 @@ class LoadResult:
         if self.initialised:
             lines.append(f"not in the checkpoint, initialised fresh ({len(self.initialised)}): {', '.join(self.initialised)}")
         return "\n".join(lines)
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The checkpoint of a run folder that holds its newest training state, or ``None``.
+
+    Candidates are every ``*.ckpt`` under ``<run_dir>/checkpoints`` (epoch, step and
+    ``last.ckpt`` files) and the ``hpc_ckpt_N.ckpt`` files that Lightning writes into the run
+    folder when SLURM signals a pre-emption or time limit. The newest is the one with the highest
+    ``global_step`` (read without loading the tensors), then the latest modification time: a
+    requeued job resumes from the signal's checkpoint even though a periodic ``last.ckpt`` is
+    older, and never from a file of an earlier step that happens to be touched later.
+    """
+    folder = os.fspath(run_dir)
+    found = []
+    ckpt_dir = os.path.join(folder, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        found += [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith(".ckpt")]
+    if os.path.isdir(folder):
+        found += [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("hpc_ckpt_") and n.endswith(".ckpt")]
+    best, best_key = None, None
+    for path in found:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            key = (int(state.get("global_step", -1)), os.path.getmtime(path))
+        except Exception:  # noqa: BLE001 - an unreadable file is not a resume candidate
+            continue
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any], weights_only: bool = True) -> tuple[dict[str, torch.Tensor], str]:

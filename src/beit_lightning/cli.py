@@ -20,7 +20,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems))
 
 
+def _resume_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``ckpt_path=last``: the newest state of this run folder, whichever callback or signal
+    wrote it (see :func:`~beit_lightning.checkpoints.newest_checkpoint`); a fresh start when the
+    folder holds none. Any other value goes to Lightning as it is."""
+    if ckpt_path != "last":
+        return ckpt_path
+    path = newest_checkpoint(output_dir)
+    if path is None:
+        log.warning("ckpt_path=last: no checkpoint in %s yet, starting from scratch", output_dir)
+    else:
+        log.info("ckpt_path=last resumes %s", path)
+    return path
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -170,7 +184,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), output_dir))
     value = trainer.callback_metrics.get(cfg.metric) if cfg.get("metric") else None
     return float(value) if value is not None else None
 

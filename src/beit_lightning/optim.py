@@ -4,8 +4,10 @@
   ``no_weight_decay()`` (cls/mask tokens, position embeddings, relative position tables).
 * Optional layer-wise learning-rate decay (fine-tuning): parameter group scales follow timm's
   ``group_matcher`` layer ids.
-* A per-step schedule: linear warmup from 0 to the peak value, then half-cosine to a floor.
-  The same function drives the learning rate and BEiT's optional weight-decay schedule.
+* A schedule stepped per optimiser step (BEiT) or per epoch (the official linear probe and
+  DeiT): linear warmup from ``warmup_lr`` (0 in BEiT, 1e-6 in DeiT) to the peak, then
+  half-cosine to a floor. The same function drives the learning rate and BEiT's optional
+  weight-decay schedule.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "cosine_schedule",
     "effective_batch_size",
     "layer_decay_param_groups",
+    "official_no_weight_decay",
     "param_groups",
     "scale_lr",
     "schedule_steps",
@@ -31,12 +34,11 @@ __all__ = [
 
 
 def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Exempt names of every sub-module that lists some (:func:`official_no_weight_decay`)."""
     names: set[str] = set()
     for module_name, module in model.named_modules():
-        fn = getattr(module, "no_weight_decay", None)
-        if callable(fn):
-            prefix = f"{module_name}." if module_name else ""
-            names |= {f"{prefix}{n}" for n in fn()}
+        prefix = f"{module_name}." if module_name else ""
+        names |= {f"{prefix}{n}" for n in official_no_weight_decay(module)}
     return names
 
 
@@ -65,20 +67,32 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def cosine_schedule(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
-    """Value at ``step``: linear warmup 0 -> ``peak`` over ``warmup_steps``, then cosine to ``final``."""
+def cosine_schedule(
+    step: int, total_steps: int, warmup_steps: int, peak: float, final: float, start: float = 0.0,
+    warmup_prefix: bool = True,
+) -> float:
+    """Value at ``step``: linear warmup ``start`` -> ``peak`` over ``warmup_steps``, then cosine to ``final``.
+
+    ``warmup_prefix=True`` (BEiT's ``cosine_scheduler``): the cosine runs over the steps after the
+    warmup. ``False`` (timm's ``CosineLRScheduler`` as DeiT uses it): the cosine is a function of
+    ``step / total_steps`` from step 0, and the warmup only replaces its first values.
+    """
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
+        return start + (peak - start) * step / warmup_steps
+    if warmup_prefix:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    else:
+        progress = step / max(1, total_steps)
+    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def warmup_cosine_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+def warmup_cosine_lambda(
+    total_steps: int, warmup_steps: int, min_lr_ratio: float, start_ratio: float = 0.0, warmup_prefix: bool = True
+):
     """A ``LambdaLR`` multiplier (relative to the peak lr) for :func:`cosine_schedule`."""
 
     def fn(step: int) -> float:
-        return cosine_schedule(step, total_steps, warmup_steps, 1.0, min_lr_ratio)
+        return cosine_schedule(step, total_steps, warmup_steps, 1.0, min_lr_ratio, start_ratio, warmup_prefix)
 
     return fn
 
@@ -103,19 +117,51 @@ def build_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
+def official_no_weight_decay(model: nn.Module) -> set[str]:
+    """Names the official recipe of ``model``'s family exempts from weight decay (besides 1-d
+    tensors and biases, which are always exempt).
+
+    BEiT (``beit/optim_factory.py`` with ``no_weight_decay() == {'pos_embed', 'cls_token'}`` in
+    ``modeling_pretrain.py`` and ``modeling_finetune.py``): only those two, so the mask token, the
+    shared and the per-block relative position tables *are* decayed (timm's ``Beit`` lists the
+    tables too; the official code decays them unless ``--disable_weight_decay_on_rel_pos_bias``).
+    Other timm models (DeiT, ViT: ``pos_embed``, ``cls_token``, ``dist_token``) keep their own list,
+    which is what timm's optimizer factory, and so DeiT's ``main.py``, uses.
+    """
+    from timm.models.beit import Beit
+
+    if isinstance(model, Beit):
+        return {"pos_embed", "cls_token"}
+    fn = getattr(model, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
+
+
 def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's layer-wise lr decay groups: the embedding gets ``layer_decay ** (L + 1)``, block ``i``
     ``layer_decay ** (L - i)``, the final norm and the head 1.0 (``L`` blocks; as BEiT's
-    fine-tuning code). Each group's ``lr_scale`` multiplies the scheduled learning rate."""
+    fine-tuning code). Each group's ``lr_scale`` multiplies the scheduled learning rate. Weight
+    decay follows :func:`official_no_weight_decay`."""
     from timm.optim import param_groups_layer_decay
 
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=official_no_weight_decay(model), layer_decay=layer_decay
+    )
 
 
-def schedule_steps(trainer, warmup_epochs: float | None, warmup_steps: int | None) -> tuple[int, int]:
+def schedule_steps(
+    trainer, warmup_epochs: float | None, warmup_steps: int | None, interval: str = "step"
+) -> tuple[int, int]:
     """(total optimiser steps, warmup steps) of a Lightning run; warmup given in epochs needs a
-    data set with a length (an iterable one gives its epoch length through ``__len__``)."""
+    data set with a length (an iterable one gives its epoch length through ``__len__``).
+    ``interval="epoch"``: (epochs, warmup epochs) for a schedule stepped once per epoch."""
+    if interval == "epoch":
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError("a schedule stepped per epoch needs trainer.max_epochs >= 1")
+        if warmup_steps is not None:
+            raise ValueError("a schedule stepped per epoch takes warmup_epochs, not warmup_steps")
+        return int(trainer.max_epochs), int(round(warmup_epochs or 0))
+    if interval != "step":
+        raise ValueError(f"the schedule interval must be 'step' or 'epoch'; got {interval!r}")
     total = int(trainer.estimated_stepping_batches)
     if warmup_steps is not None:
         return total, int(warmup_steps)
@@ -140,10 +186,14 @@ def effective_batch_size(trainer) -> int | None:
     return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
 
 
-def scale_lr(trainer, lr: float, min_lr: float, lr_base_batch: int | None) -> tuple[float, float]:
+def scale_lr(
+    trainer, lr: float, min_lr: float, lr_base_batch: int | None, scale_min_lr: bool = True
+) -> tuple[float, float]:
     """The linear scaling rule: ``lr`` and ``min_lr`` are given for a total batch of
     ``lr_base_batch`` (BEiT: 1.5e-3 at 2048) and scaled to the run's effective batch; the
-    figures are logged at start. ``lr_base_batch=None`` uses ``lr`` as it is."""
+    figures are logged at start. ``lr_base_batch=None`` uses ``lr`` as it is. ``scale_min_lr=False``
+    keeps ``min_lr`` as given (DeiT's ``main.py`` and BEiT v2's ``run_vqkd_training.py`` scale only
+    the peak)."""
     batch = effective_batch_size(trainer)
     if lr_base_batch is None:
         rank_zero_info(f"effective batch {batch}, peak lr {lr:g} (not scaled: lr_base_batch is unset)")
@@ -156,7 +206,7 @@ def scale_lr(trainer, lr: float, min_lr: float, lr_base_batch: int | None) -> tu
         f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulation; peak lr {lr:g} x "
         f"{batch}/{lr_base_batch} = {lr * factor:g}"
     )
-    return lr * factor, min_lr * factor
+    return lr * factor, (min_lr * factor if scale_min_lr else min_lr)
 
 
 def configure_adamw_cosine(
@@ -168,15 +218,21 @@ def configure_adamw_cosine(
     warmup_epochs: float | None = None,
     warmup_steps: int | None = None,
     lr_base_batch: int | None = None,
+    interval: str = "step",
+    warmup_lr: float = 0.0,
+    warmup_prefix: bool = True,
+    scale_min_lr: bool = True,
 ) -> dict:
     """``configure_optimizers`` output: AdamW over ``groups`` (each at ``lr * lr_scale``) with a
-    per-step linear warmup then cosine to ``min_lr * lr_scale``; ``lr`` and ``min_lr`` are first
-    scaled to the effective batch by :func:`scale_lr`."""
-    lr, min_lr = scale_lr(trainer, lr, min_lr, lr_base_batch)
+    linear warmup from ``warmup_lr`` then cosine to ``min_lr * lr_scale``, stepped every optimiser
+    step or every epoch (``interval``); ``lr`` and ``min_lr`` are first scaled to the effective
+    batch by :func:`scale_lr` (``warmup_lr`` is not scaled, as in DeiT)."""
+    lr, min_lr = scale_lr(trainer, lr, min_lr, lr_base_batch, scale_min_lr)
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     mixed = "mixed" in str(trainer.precision)  # Lightning cannot clip gradients of fused AdamW there
     optimizer = build_adamw(groups, lr=lr, betas=tuple(betas), fused=not mixed)
-    total, warmup = schedule_steps(trainer, warmup_epochs, warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(total, warmup, min_lr / lr))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    total, warmup = schedule_steps(trainer, warmup_epochs, warmup_steps, interval)
+    lam = warmup_cosine_lambda(total, warmup, min_lr / lr, warmup_lr / lr, warmup_prefix)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -156,6 +156,11 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples held for shuffling per worker.
         seed: seed of shard order, sample shuffling and augmentation.
         skipped: shared counter of skipped samples.
+        repeats: repeated augmentation (DeiT's ``--repeated-aug``, 3): every image read is
+            transformed this many times, each copy with its own seed, and the copies follow each
+            other in the stream (so they fall in the same global batch, as DeiT's ``RASampler``
+            puts them on different GPUs in the same step). The epoch keeps ``samples_per_epoch``
+            samples, so it reads 1/``repeats`` of the distinct images.
     """
 
     def __init__(
@@ -173,8 +178,12 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         skipped: SharedCounter | None = None,
+        repeats: int = 1,
     ) -> None:
         super().__init__()
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1; got {repeats}")
+        self.repeats = int(repeats)
         self.urls = list(urls)
         if samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1; got {samples_per_epoch}")
@@ -282,9 +291,10 @@ class ShardStream(IterableDataset):
                 if produced >= wanted:
                     return
                 read_in_pass += 1
-                if skip:
-                    skip -= 1
+                if skip >= self.repeats:  # every copy of this image was trained on already
+                    skip -= self.repeats
                     continue
+                first_copy, skip = skip, 0
                 decoded = self._decode(sample)
                 if decoded is None:
                     failures += 1
@@ -293,16 +303,19 @@ class ShardStream(IterableDataset):
                     continue
                 failures = 0
                 img, label = decoded
-                sample_seed = _stream_seed(self.seed, epoch, slot, produced)
-                if info is not None:  # a worker process: its global generators are the pipeline's own
-                    seed_globals(sample_seed)
-                    out = self.sample_transform(img)
-                else:
-                    with PrivateRandomness(sample_seed):
+                for _ in range(first_copy, self.repeats):
+                    if produced >= wanted:
+                        return
+                    sample_seed = _stream_seed(self.seed, epoch, slot, produced)
+                    if info is not None:  # a worker process: its global generators are the pipeline's own
+                        seed_globals(sample_seed)
                         out = self.sample_transform(img)
-                out["label"] = torch.tensor(label, dtype=torch.long)
-                produced += 1
-                yield out
+                    else:
+                        with PrivateRandomness(sample_seed):
+                            out = self.sample_transform(img)
+                    out["label"] = torch.tensor(label, dtype=torch.long)
+                    produced += 1
+                    yield out
             if produced >= wanted:
                 return
             if read_in_pass == 0:
@@ -315,10 +328,19 @@ class ShardStream(IterableDataset):
 class EpochLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` that tells the stream where training stands.
 
-    Lightning calls ``set_epoch`` on samplers only, and an iterable data set has none; so at each
-    iteration the loader asks ``position_fn`` for ``(epoch, batches of this epoch already done)``
-    (from the trainer: after a mid-epoch resume the second number is not 0), or counts its own
-    iterations when there is no trainer.
+    Lightning calls ``set_epoch`` on samplers only, and an iterable data set has none; so the
+    loader asks ``position_fn`` for ``(epoch, batches of this epoch already done)`` (from the
+    trainer: after a mid-epoch resume the second number is not 0), or counts its own iterations
+    when there is no trainer.
+
+    The question is asked at the first ``next()``, not at ``iter()``: Lightning creates the
+    training iterator while ``configure_optimizers`` estimates the run's steps, which is before it
+    restores the loops from a checkpoint, so at ``iter()`` time a resumed run still looks like
+    step 0. (Asked at ``iter()``, a mid-epoch resume replayed epoch 0's first batches.)
+
+    The loader also implements ``state_dict``/``load_state_dict`` (Lightning's stateful-loader
+    protocol): the position is saved in checkpoints, and a position loaded from one wins over
+    ``position_fn`` for the next iteration.
     """
 
     def __init__(
@@ -328,10 +350,38 @@ class EpochLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
         self._position_fn = position_fn
         self._iterations = 0
+        self._loaded: tuple[int, int] | None = None
+        self._position = (0, 0)  # (epoch, batches of it delivered so far)
 
-    def __iter__(self):
-        position = self._position_fn() if self._position_fn is not None else None
+    def _start(self) -> Iterator:
+        """Resolve the position and start the underlying DataLoader iterator."""
+        if self._loaded is not None:
+            (epoch, done), self._loaded = self._loaded, None
+            position = (epoch + 1, 0) if done >= len(self) else (epoch, done)  # saved at the end of an epoch
+        else:
+            position = self._position_fn() if self._position_fn is not None else None
         epoch, done = (self._iterations, 0) if position is None else position
         self.dataset.set_epoch(epoch, skip_batches=done)
         self._iterations += 1
+        self._position = (epoch, done)
         return super().__iter__()
+
+    def __iter__(self) -> Iterator:
+        started: list[Iterator] = []
+
+        def batches() -> Iterator:
+            if not started:
+                started.append(self._start())
+            for batch in started[0]:
+                epoch, done = self._position
+                self._position = (epoch, done + 1)
+                yield batch
+
+        return batches()
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._loaded = (int(state_dict["epoch"]), int(state_dict["batches_done"]))

@@ -1,6 +1,8 @@
 """Plain ``nn.Module`` models (no Lightning): BEiT for masked image modeling and the tokenizers."""
 
 from .beit import PRETRAIN_BACKBONE_DEFAULTS, BeitForMaskedImageModeling, beit_init_
+from .classifier import create_classifier
 from .tokenizers import DallETokenizer, VisualTokenizer
 
-__all__ = ["PRETRAIN_BACKBONE_DEFAULTS", "BeitForMaskedImageModeling", "DallETokenizer", "VisualTokenizer", "beit_init_"]
+__all__ = ["PRETRAIN_BACKBONE_DEFAULTS", "BeitForMaskedImageModeling", "DallETokenizer", "VisualTokenizer", "beit_init_",
+           "create_classifier"]

@@ -45,14 +45,15 @@ def _trunc_normal_std_(tensor: torch.Tensor, std: float) -> None:
 def beit_init_(backbone: Beit, init_std: float = 0.02) -> None:
     """Re-initialise a timm ``Beit`` the way BEiT pre-training does.
 
-    Linear weights, the cls token and position tables get a normal of ``init_std`` truncated
-    at +-``init_std``; biases are zero, LayerNorms are (1, 0); ``attn.proj`` and ``mlp.fc2`` of
+    Linear weights, the patch-embedding convolution, the cls token and position tables get a
+    normal of ``init_std`` truncated at +-``init_std`` (the official ``_init_weights`` has a Conv2d
+    branch); biases are zero, LayerNorms are (1, 0); ``attn.proj`` and ``mlp.fc2`` of
     block ``l`` (1-based) are divided by ``sqrt(2 l)``. Layer-scale values are left as timm set
     them (``init_values``); the relative position tables start at zero as in the official code.
     """
     with torch.no_grad():
         for module in backbone.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
                 _trunc_normal_std_(module.weight, init_std)
                 if module.bias is not None:
                     module.bias.zero_()
@@ -128,8 +129,10 @@ class BeitForMaskedImageModeling(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters that get no weight decay (tokens and position tables)."""
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {"mask_token"}
+        """Parameters exempt from weight decay besides 1-d tensors and biases: the cls token and the
+        absolute position embedding, as the official ``modeling_pretrain.py`` (the mask token and
+        the shared relative position table are decayed there, and so here)."""
+        return {"backbone.pos_embed", "backbone.cls_token"}
 
     def forward_features(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Encode images whose masked patches are replaced by the mask token; returns all tokens

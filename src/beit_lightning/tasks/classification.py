@@ -41,6 +41,12 @@ class ImageClassification(pl.LightningModule):
         ema_decay: keep an EMA of the weights (e.g. 0.9999) and validate it too; ``None`` disables.
         lr_base_batch: the total batch ``lr`` and ``min_lr`` are given for; they are scaled linearly
             to the run's effective batch (per-device batch x devices x accumulation). ``None``: as given.
+        schedule_interval: ``"step"`` (BEiT: the lr changes every optimiser step) or ``"epoch"``
+            (DeiT: timm's scheduler stepped once per epoch).
+        warmup_lr: where the warmup starts (BEiT 0; DeiT ``--warmup-lr`` 1e-6).
+        warmup_prefix: the cosine starts after the warmup (BEiT) or runs from step 0 with the warmup
+            replacing its first values (timm's ``CosineLRScheduler`` without ``warmup_prefix``, DeiT).
+        scale_min_lr: scale ``min_lr`` with ``lr`` by the linear rule (``False``: DeiT scales only ``lr``).
     """
 
     def __init__(
@@ -61,6 +67,10 @@ class ImageClassification(pl.LightningModule):
         label_smoothing: float = 0.1,
         ema_decay: float | None = None,
         lr_base_batch: int | None = None,
+        schedule_interval: str = "step",
+        warmup_lr: float = 0.0,
+        warmup_prefix: bool = True,
+        scale_min_lr: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -127,4 +137,8 @@ class ImageClassification(pl.LightningModule):
             groups = layer_decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
         else:
             groups = param_groups(self.model, hp.weight_decay)
-        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch)
+        return configure_adamw_cosine(
+            self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch,
+            interval=hp.schedule_interval, warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix,
+            scale_min_lr=hp.scale_min_lr,
+        )
