@@ -54,3 +54,13 @@ def _cache_dir(tmp_path_factory):
     import os
 
     os.environ["BEIT_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def last_logged(csv_path, key: str) -> float:
+    """The last value of ``key`` in a CSVLogger ``metrics.csv`` (what a run reported last)."""
+    import csv
+
+    with open(csv_path) as f:
+        values = [row[key] for row in csv.DictReader(f) if row.get(key)]
+    assert values, f"{key} was never logged in {csv_path}"
+    return float(values[-1])

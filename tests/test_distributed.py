@@ -3,6 +3,7 @@ launched the way users launch it (a script that Lightning re-runs for the second
 generated webdataset shards with a data-loader worker per rank. A hang fails by the timeout."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,5 +57,7 @@ def test_ddp_two_processes(tmp_path, precision):
     assert result["global_step"] == 4
     a, b = result["checksums"]
     assert a == b, "DDP ranks must hold identical weights"
-    assert result["val_loss"] == result["val_loss"] and result["val_loss"] < 10
+    # a finite cross-entropy over the 64 codes that does not exceed chance (ln 64) after 4 steps from a
+    # near-uniform start: NaN, inf or a diverged update fail
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(64) + 0.05
     assert result["tokenizer_training"] is False

@@ -12,7 +12,7 @@ from beit_lightning.cli import train
 from beit_lightning.data import GeneratedDataModule
 from beit_lightning.optim import layer_decay_param_groups
 from beit_lightning.tasks import ImageClassification, LinearProbe
-from conftest import micro_model
+from conftest import last_logged, micro_model
 from reference_beit import random_official_finetuned_state_dict, reference_classifier_logits
 
 
@@ -189,8 +189,15 @@ def test_pretrain_then_finetune_and_probe_through_the_app(tmp_path):
                     "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]))
     ckpt = tmp_path / "pt" / "checkpoints" / "last.ckpt"
     acc = train(_compose(["experiment=smoke_finetune", f"init_checkpoint={ckpt}", f"output_dir={tmp_path / 'ft'}",
-                          "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]))
-    assert acc is not None and 0 <= acc <= 1
+                          "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                          "logger=csv"]))
+    # the returned metric is the run's final val/acc1, a multiple of 1/32 (32 validation images)
+    assert acc == pytest.approx(last_logged(tmp_path / "ft" / "csv" / "metrics.csv", "val/acc1"))
+    assert (acc * 32) == pytest.approx(round(acc * 32), abs=1e-4)
     acc = train(_compose(["experiment=smoke_linear_probe", f"init_checkpoint={ckpt}", f"output_dir={tmp_path / 'lp'}",
-                          "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]))
-    assert acc is not None and 0 <= acc <= 1
+                          "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                          "logger=csv"]))
+    # the probe reports its best block
+    csv = tmp_path / "lp" / "csv" / "metrics.csv"
+    blocks = [last_logged(csv, f"val/acc1_block{b}") for b in (0, 1)]
+    assert acc == pytest.approx(max(blocks)) == pytest.approx(last_logged(csv, "val/acc1"))

@@ -74,7 +74,7 @@ def _check_sizes(cfg: DictConfig) -> list[str]:
         grid = img // patch
         if data.get("input_size") not in (None, img):
             problems.append(f"data.input_size={data.input_size} differs from model.img_size={img}: set them equal")
-        count = data.get("num_masking_patches")
+        count = data.get("num_masking_patches") if data.get("mode", "pretrain") == "pretrain" else None
         if count is not None and count > grid * grid:
             problems.append(
                 f"data.num_masking_patches={count} exceeds the {grid}x{grid} patch grid: use at most {grid * grid} "

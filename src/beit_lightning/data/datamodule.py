@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import patch_auto_augment
 from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator
 from .shards import generated_records, list_images, write_shards
@@ -33,10 +35,16 @@ MODES = ("pretrain", "finetune", "tokenizer")
 
 
 class ClassificationTransform:
-    """timm's ``create_transform`` (RandAugment, random erasing, ...) in the batch-dict format."""
+    """timm's ``create_transform`` (RandAugment, random erasing, ...) in the batch-dict format.
+
+    The posterize ops of timm's RandAugment/AutoAugment/AugMix inside it use
+    :func:`~beit_lightning.data.augment.posterize`, which gives a black image for 0 bits on every
+    Pillow version as Pillow <= 12 did (Pillow 13 raises instead); see that function.
+    """
 
     def __init__(self, **timm_kwargs) -> None:
         self.transform = create_transform(**timm_kwargs)
+        patch_auto_augment(self.transform)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
@@ -62,6 +70,15 @@ class BeitDataModule(pl.LightningDataModule):
         auto_augment, reprob, crop_pct: fine-tuning augmentation (timm's RandAugment string,
             random-erasing probability, evaluation crop ratio).
         mean, std: normalisation of the backbone view (BEiT's code default: 0.5/0.5).
+        train_interpolation: resize of the fine-tuning crop (BEiT and DeiT: bicubic; the official
+            linear probe: torchvision's default, bilinear). Evaluation resizes bicubic.
+        tokenizer_interpolation: resize of the tokenizer view (BEiT's DALL-E view: lanczos; BEiT
+            v2's VQ-KD: bicubic).
+        mask_exact_count: every mask has exactly ``num_masking_patches`` (``True``), or the official
+            generator's early stop is kept (``False``: ~74.5 of 75 on average).
+        repeated_aug: repeated augmentation (DeiT: 3): each image read gives this many differently
+            augmented samples, and an epoch keeps its length (so it holds 1/``repeated_aug`` of the
+            distinct images, as DeiT's ``RASampler``). 1: off.
     """
 
     def __init__(
@@ -84,6 +101,10 @@ class BeitDataModule(pl.LightningDataModule):
         crop_pct: float = 0.9,
         mean: Sequence[float] = BEIT_MEAN,
         std: Sequence[float] = BEIT_STD,
+        train_interpolation: str = "bicubic",
+        tokenizer_interpolation: str = "lanczos",
+        mask_exact_count: bool = True,
+        repeated_aug: int = 1,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -92,33 +113,40 @@ class BeitDataModule(pl.LightningDataModule):
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
+        if repeated_aug < 1:
+            raise ValueError(f"repeated_aug must be >= 1 (1: off); got {repeated_aug}")
         self.mode = mode
+        self.repeated_aug = int(repeated_aug)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.input_size, self.tokenizer_size, self.patch_size = input_size, tokenizer_size, patch_size
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         if mode == "pretrain":
             grid = input_size // patch_size
             self.mask_generator = BlockwiseMaskGenerator(
-                (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect
+                (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect, exact=mask_exact_count
             )
             self.train_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=scale,
-                color_jitter=color_jitter, hflip=hflip, mean=mean, std=std,
+                color_jitter=color_jitter, hflip=hflip, mean=mean, std=std, tokenizer_interpolation=tokenizer_interpolation,
             )
             # Validation: the same masking on deterministic full-image views without colour augmentation.
             self.val_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                color_jitter=0.0, hflip=0.0, mean=mean, std=std,
+                color_jitter=0.0, hflip=0.0, mean=mean, std=std, tokenizer_interpolation=tokenizer_interpolation,
             )
         elif mode == "tokenizer":
             self.mask_generator = None
-            self.train_transform = TokenizerViewTransform(tokenizer_size, scale=scale, hflip=hflip)
-            self.val_transform = TokenizerViewTransform(tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+            self.train_transform = TokenizerViewTransform(
+                tokenizer_size, scale=scale, hflip=hflip, interpolation=tokenizer_interpolation
+            )
+            self.val_transform = TokenizerViewTransform(
+                tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, interpolation=tokenizer_interpolation
+            )
         else:
             self.mask_generator = None
             self.train_transform = ClassificationTransform(
                 input_size=input_size, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter,
-                auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                auto_augment=auto_augment, interpolation=train_interpolation, re_prob=reprob, re_mode="pixel", re_count=1,
                 mean=tuple(mean), std=tuple(std),
             )
             self.val_transform = ClassificationTransform(
@@ -160,24 +188,73 @@ class _Samples(Dataset):
 
 
 class ImageFiles(Dataset):
-    """``(PIL image, label)`` from a list of ``(path, label)``; label -1 for unlabeled images."""
+    """``(PIL image, label)`` from a list of ``(path, label)``; label -1 for unlabeled images.
 
-    def __init__(self, files: list[tuple[str, int]], classes: list[str]) -> None:
+    An image that cannot be opened or decoded (corrupt, truncated, missing, unreadable) does not
+    stop training: it is skipped with a warning naming the file (once per file and process),
+    counted in ``skipped``, and replaced by the next readable file of the list (wrapping around
+    at the end), image and label. The substitute depends only on the index and on which files are
+    readable, so the same index always gives the same sample, and batches keep their size. Each
+    request of an unreadable index counts once, however many unreadable files follow it. Files
+    found unreadable are remembered by each process and not opened again.
+
+    Args:
+        files: ``(path, label)`` pairs.
+        classes: class names (index = label).
+        skipped: counter of skipped samples shared with data-loader workers (a new one if ``None``).
+
+    Raises:
+        RuntimeError: from ``__getitem__`` when no file can be read, from the requested index on
+            through the whole list (or through ``MAX_SUBSTITUTE_TRIES`` files).
+    """
+
+    MAX_SUBSTITUTE_TRIES = 10_000
+
+    def __init__(self, files: list[tuple[str, int]], classes: list[str], skipped: SharedCounter | None = None) -> None:
         self.files, self.classes = files, classes
+        self.skipped = skipped if skipped is not None else SharedCounter()
+        self._unreadable: set[str] = set()  # files found unreadable by this process
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def _read(self, index: int) -> tuple[Image.Image, int] | None:
+        """The sample at ``index``, or ``None`` (with a warning the first time) if it cannot be read."""
         path, label = self.files[index]
+        if path in self._unreadable:
+            return None
         try:
             with Image.open(path) as img:
                 return img.convert("RGB"), label
-        except Exception as err:  # noqa: BLE001 - name the file that cannot be read
-            raise RuntimeError(
-                f"cannot decode image {path!r} ({type(err).__name__}: {err}); remove it, or write the folder as "
-                "shards with beit-lightning-shards, which reports and skips unreadable files"
-            ) from err
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, named and counted
+            self._unreadable.add(path)
+            warnings.warn(
+                f"skipping unreadable image {path!r} ({type(err).__name__}: {err}); the next readable image of "
+                "the folder takes its place",
+                stacklevel=3,
+            )
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.files)
+        index = int(index) % n if n else int(index)
+        sample = self._read(index)
+        if sample is not None:
+            return sample
+        self.skipped.add()
+        tries = min(n, self.MAX_SUBSTITUTE_TRIES)
+        for step in range(1, tries):
+            sample = self._read((index + step) % n)
+            if sample is not None:
+                return sample
+        path = self.files[index][0]
+        what = (
+            f"none of the {n} image files could be read" if tries == n
+            else f"{tries} image files in a row (of {n}) could not be read"
+        )
+        raise RuntimeError(
+            f"{what}, from {path!r} on: check the folder (the warnings give each file's error)"
+        )
 
 
 class ImageFolderDataModule(BeitDataModule):
@@ -189,6 +266,10 @@ class ImageFolderDataModule(BeitDataModule):
         train_dir, val_dir: sub-folders of ``root``; a missing ``val_dir`` means no validation.
         labelled: ``None``: sub-folders are classes when present; ``False``: all images unlabeled.
         **kwargs: see :class:`BeitDataModule`.
+
+    Unreadable images are skipped with a warning and replaced by the next readable one (see
+    :class:`ImageFiles`); ``skipped_samples`` counts them across workers for
+    :class:`~beit_lightning.callbacks.SkippedSamplesMonitor` (``data/skipped``).
     """
 
     def __init__(
@@ -196,9 +277,16 @@ class ImageFolderDataModule(BeitDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.root, self.train_dir, self.val_dir, self.labelled = root, train_dir, val_dir, labelled
+        self._skipped = SharedCounter()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.classes: list[str] = []
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples replaced because their file could not be read (see :class:`ImageFiles`), over
+        training and validation and all data-loader workers of this process."""
+        return self._skipped.value
 
     def _images(self, sub: str | None, required: bool) -> ImageFiles | None:
         path = os.path.join(self.root, sub) if sub else None
@@ -210,7 +298,7 @@ class ImageFolderDataModule(BeitDataModule):
         if not files:
             raise ValueError(f"no images found under {path!r}")
         self.classes = self.classes or classes
-        return ImageFiles(files, classes)
+        return ImageFiles(files, classes, skipped=self._skipped)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -291,6 +379,7 @@ class ImageShardsDataModule(BeitDataModule):
             samples_per_epoch=count, batch_size=self.batch_size, num_workers=self.num_workers,
             rank=rank, world_size=world, resampled=self.resampled and train, shuffle=train,
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, skipped=self._skipped,
+            repeats=self.repeated_aug if train else 1,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,0 +1,129 @@
+"""Resuming as users meet it: the console script in a subprocess, a real SIGKILL (or a real SLURM
+SIGUSR1) in the middle of an epoch, the README's restart command (`ckpt_path=last` in the same run
+folder), and every weight and optimizer tensor compared with an uninterrupted run."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit_lightning.data import generated_records, write_shards
+
+TESTS = Path(__file__).parent
+EXE = str(Path(sys.executable).with_name("beit-lightning"))
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+# 256 images / batch 32 = 8 steps per epoch, 3 epochs; a step checkpoint every 5 steps (5, 10, 15: mid-epoch),
+# 2 data-loader workers (the default of data=generated)
+COMMON = ["experiment=smoke", "trainer.max_epochs=3", "logger=csv", "trainer.enable_progress_bar=false",
+          "callbacks.checkpoint_steps.every_n_train_steps=5", "data.num_workers=2"]
+RUN = [*COMMON, "data.num_train=256", "data.num_val=32"]
+
+
+def _run(args, env=ENV, timeout=300):
+    out = subprocess.run([EXE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _assert_same_training_state(a_path: Path, b_path: Path) -> None:
+    a = torch.load(a_path, weights_only=True)
+    b = torch.load(b_path, weights_only=True)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for index, state in sa.items():
+        for name, value in state.items():
+            assert torch.equal(value, sb[index][name]), (index, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data-loader workers, as a node failure would
+    proc.wait()
+    assert path.exists(), "the run ended before it could be killed"
+
+
+def _shards(tmp_path: Path) -> str:
+    folder = tmp_path / "shards"
+    write_shards(generated_records(256, 64, 10, seed=3), str(folder), classes=[str(i) for i in range(10)],
+                 samples_per_shard=64)
+    return str(folder / "shard-{000000..000003}.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["generated", "shards"])
+def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, source):
+    args = list(RUN)
+    if source == "shards":
+        args = [*COMMON, "data=imagenet_shards", f"data.train_urls='{_shards(tmp_path)}'", "data.batch_size=32",
+                 "data.tokenizer_size=64", "data.num_masking_patches=26", "data.min_num_patches=4"]
+    straight = tmp_path / "straight"
+    _run([*args, f"hydra.run.dir={straight}"])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([EXE, *args, f"hydra.run.dir={killed}"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _kill_when(proc, killed / "checkpoints" / "newest-step0000010.ckpt")  # step 10: batch 2 of epoch 1
+    assert not (killed / "checkpoints" / "epoch001-step0000016.ckpt").exists()
+    resumed = _run([*args, f"hydra.run.dir={killed}", "ckpt_path=last"])
+    assert "not resumable" not in resumed.stderr
+    _assert_same_training_state(straight / "checkpoints" / "last.ckpt", killed / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_exactly_one_last_ckpt_and_it_holds_the_newest_state(tmp_path):
+    # 16 steps in 2 epochs with a step checkpoint every 5: the last step checkpoint is at 15, training ends at 16
+    _run([*RUN, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch000-step0000008.ckpt", "epoch001-step0000016.ckpt", "last.ckpt", "newest-step0000015.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    epoch_end = torch.load(tmp_path / "checkpoints" / "epoch001-step0000016.ckpt", weights_only=True)
+    assert last["global_step"] == 16
+    for key, value in epoch_end["state_dict"].items():
+        assert torch.equal(value, last["state_dict"][key]), key
+
+
+@pytest.mark.slow
+def test_slurm_requeue_resumes_from_the_signal_checkpoint(tmp_path):
+    """SLURM's SIGUSR1 at step 12 makes Lightning save hpc_ckpt_1.ckpt and call `scontrol requeue`; the
+    requeued command (`ckpt_path=last`) must resume that step-12 state, not last.ckpt (step 10)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    slurm = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_JOB_NAME": "beit", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "2"}
+    straight = tmp_path / "straight"
+    _run([*RUN, f"hydra.run.dir={straight}"])
+
+    run_dir = tmp_path / "job"
+    signal_args = ["+callbacks.signal._target_=signal_at_step.SignalAtStep", "+callbacks.signal.step=12"]
+    proc = subprocess.Popen([EXE, *RUN, *signal_args, f"hydra.run.dir={run_dir}"], env=slurm,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    deadline = time.time() + 240
+    while not (tmp_path / "scontrol.log").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # SLURM ends the job after the requeue
+    proc.wait()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert torch.load(hpc, weights_only=True)["global_step"] == 12
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+    resumed = _run([*RUN, f"hydra.run.dir={run_dir}", "ckpt_path=last"], env=slurm)
+    assert "hpc_ckpt_1.ckpt" in resumed.stdout + resumed.stderr
+    _assert_same_training_state(straight / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
