@@ -2,10 +2,8 @@
 resume, Hydra multirun, and Hydra with Lightning's DDP subprocess launcher (CPU, gloo)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -85,3 +85,22 @@ def test_data_module_rejects_inconsistent_sizes():
         GeneratedDataModule(input_size=30, patch_size=8)
     with pytest.raises(ValueError, match="impossible"):
         BlockwiseMaskGenerator(4, 17)
+
+
+def test_repeated_augmentation_sampler_spreads_copies_over_ranks_like_deit():
+    from beit_lightning.data.samplers import RepeatedAugmentationSampler
+
+    data = list(range(1024))
+    ranks = [RepeatedAugmentationSampler(data, repeats=3, seed=5, num_replicas=4, rank=r) for r in range(4)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    per_rank = [list(s) for s in ranks]
+    assert all(len(p) == len(s) == 1024 // 4 for p, s in zip(per_rank, ranks, strict=True))  # floor(N//256*256/world)
+    # reading the ranks step by step gives each image 3 times in a row: its copies are dealt round-robin to
+    # consecutive ranks, so they fall in the same (or the next) global step on different GPUs
+    flat = [i for step in zip(*per_rank, strict=True) for i in step]
+    assert all(flat[3 * j] == flat[3 * j + 1] == flat[3 * j + 2] for j in range(len(flat) // 3))
+    counts = torch.bincount(torch.tensor(flat), minlength=1024)
+    assert (counts == 3).sum() == 1024 // 3 and counts.max() == 3  # about 1/3 of the distinct images per epoch
+    ranks[0].set_epoch(3)
+    assert list(ranks[0]) != per_rank[0]  # a new order every epoch

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from beit_lightning.checkpoints import export_main, export_timm, load_checkpoint
 from beit_lightning.cli import train
-from beit_lightning.data import GeneratedDataModule
+from beit_lightning.data import GeneratedDataModule, ImageShardsDataModule
 from beit_lightning.optim import layer_decay_param_groups
 from beit_lightning.tasks import ImageClassification, LinearProbe
 from conftest import last_logged, micro_model
@@ -126,18 +126,28 @@ def _fit(task, dm, tmp_path, epochs):
 
 
 @pytest.mark.slow
-def test_fine_tuning_on_generated_data_improves_accuracy(tmp_path):
-    pl.seed_everything(0)
-    task = ImageClassification(_classifier(drop_path_rate=0.0), num_classes=10, lr=5e-3, warmup_steps=5,
+def test_fine_tuning_fits_its_training_images(tmp_path, seed=0):
+    """Learning, with a margin no machine can miss: 80 generated images (10 classes, chance 0.10),
+    no augmentation, evaluated on those same images through the evaluation transform. A working
+    fine-tuning step (loss, optimiser, schedule, head) drives the accuracy near 1.0; the threshold
+    is 0.7. Measured on the development machine: seeds 0, 1, 2 go from 0.087, 0.138, 0.112 to 0.962,
+    0.938, 0.900 (spread 0.06; the margin to 0.7 is four times that)."""
+    pl.seed_everything(seed)
+    task = ImageClassification(_classifier(drop_path_rate=0.0), num_classes=10, lr=5e-3, warmup_steps=3,
                                layer_decay=None, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
-    dm = _data(tmp_path)
+    train_dm = GeneratedDataModule(mode="finetune", num_train=80, num_val=0, image_size=32, input_size=32, patch_size=8,
+                                   batch_size=16, num_workers=0, scale=(1.0, 1.0), hflip=0.0, auto_augment=None,
+                                   reprob=0.0, crop_pct=1.0, cache_dir=str(tmp_path), samples_per_shard=80)
+    train_dm.prepare_data()
+    same_images = ImageShardsDataModule(mode="finetune", train_urls=train_dm.train_urls, val_urls=train_dm.train_urls,
+                                        input_size=32, patch_size=8, batch_size=80, num_workers=0, crop_pct=1.0,
+                                        auto_augment=None, reprob=0.0)
     before = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False).validate(task, dm, verbose=False)[0]["val/acc1"]
-    trainer = _fit(task, dm, tmp_path, epochs=20)
-    after = float(trainer.callback_metrics["val/acc1"])
-    # a 2-block 64-d ViT from scratch on 320 images reaches ~0.24 here (chance: 0.10); at this tiny
-    # scale label smoothing 0.1 alone holds it near 0.15, so the test trains without it
-    assert after > max(0.18, before + 0.08), (before, after)
+                        enable_model_summary=False).validate(task, same_images, verbose=False)[0]["val/acc1"]
+    _fit(task, train_dm, tmp_path, epochs=60)
+    after = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).validate(task, same_images, verbose=False)[0]["val/acc1"]
+    assert before < 0.3 and after > 0.7, (before, after)
 
 
 def test_linear_probe_trains_heads_with_the_backbone_frozen(tmp_path):

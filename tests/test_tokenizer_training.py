@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -9,7 +11,7 @@ from beit_lightning.cli import train
 from beit_lightning.data import GeneratedDataModule
 from beit_lightning.tasks import TokenizerTraining
 from beit_lightning.tasks.tokenizer import codebook_usage
-from beit_lightning.tokenizers import VQKD, CosineVectorQuantizer, DiscreteVAE, load_tokenizer, save_tokenizer
+from beit_lightning.tokenizers import VQKD, DiscreteVAE, load_tokenizer, save_tokenizer
 
 
 def _data(tmp_path, size=32, n=512):
@@ -57,8 +59,10 @@ def test_dvae_training_lowers_reconstruction_error_and_uses_codes(tmp_path):
 
 
 def test_vqkd_training_raises_teacher_similarity_and_keeps_codes_in_use(tmp_path):
+    """The official codebook (k-means start, normalised EMA, no restarts) on a random ViT teacher."""
     pl.seed_everything(0)
     tokenizer, teacher = _tiny_vqkd(), _tiny_teacher()
+    start = tokenizer.quantizer.embedding.clone()
     task = TokenizerTraining(tokenizer, teacher=teacher, lr=3e-3, warmup_steps=10, weight_decay=0.0)
     dm = _data(tmp_path, n=256)
     batch = next(iter(dm.val_dataloader()))["tokenizer_image"]
@@ -68,34 +72,20 @@ def test_vqkd_training_raises_teacher_similarity_and_keeps_codes_in_use(tmp_path
         with torch.no_grad():
             return task.losses(batch)["cosine"].item()
 
+    # reference: the best prediction that ignores the codes, each position's mean teacher direction
+    # (fitted on this very batch, so optimistic); codes that carry nothing cannot beat it
+    targets = F.normalize(task.teacher_targets(batch), dim=-1)
+    per_position = (targets * F.normalize(targets.mean(0, keepdim=True), dim=-1)).sum(-1).mean().item()
     before = cosine()
-    _fit(task, dm, 120, tmp_path)
+    _fit(task, dm, 120, tmp_path)  # starts from eval mode: the task must put the tokenizer back in training
     after = cosine()
     _, used = codebook_usage(torch.bincount(tokenizer.encode(batch).flatten(), minlength=32))
-    assert after > before + 0.2, (before, after)
-    assert used >= 0.25, f"codebook usage {used:.2f} fell below the 25% floor"
+    # seeds 0, 1, 2: before 0.003 / 0.016 / -0.093, after 0.809 / 0.817 / 0.820, reference 0.285, codes
+    # used 0.69 / 0.81 / 0.81; the margin 0.3 is about 25 times the seed-to-seed range of `after`
+    assert after > per_position + 0.3, (before, per_position, after)
+    assert bool(tokenizer.quantizer.initted) and not torch.allclose(tokenizer.quantizer.embedding, start)
+    assert used >= 0.4, f"codebook usage {used:.2f} fell below the 40% floor"
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
-
-
-def test_cosine_quantizer_ema_and_dead_code_restart():
-    torch.manual_seed(0)
-    q = CosineVectorQuantizer(num_codes=4, dim=3, decay=0.5, dead_threshold=0.2)
-    q.embedding.copy_(F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]]), dim=-1))
-    q.embed_sum.copy_(q.embedding)
-    z = torch.tensor([[[2.0, 0.2, 0.0], [0.1, 3.0, 0.0], [1.0, 0.1, 0.1]]])
-    q.eval()
-    assert q(z)[1].tolist() == [[0, 1, 0]]  # nearest by cosine, whatever the norm
-    q.train()
-    quantized, idx, commitment = q(z)
-    assert torch.allclose(q.embedding.norm(dim=-1), torch.ones(4))
-    assert q.embedding[0, 1] > 0  # code 0 moved towards its assigned vectors
-    assert commitment > 0 and quantized.requires_grad is False
-    # codes 2 and 3 got nothing: their counts decay (1 -> 0.5 -> 0.25 -> 0.125) below 0.2 and they restart
-    for _ in range(2):
-        q(z)
-    restarted = q.embedding[2:]
-    zs = F.normalize(z[0], dim=-1)
-    assert all(any(torch.allclose(r, v) for v in zs) for r in restarted)
 
 
 def test_tokenizer_checkpoints_round_trip_with_identical_tokens(tmp_path):
@@ -151,5 +141,8 @@ def test_demo_pipeline_train_tokenizer_then_pretrain_with_it(tmp_path):
                              "tokenizer.vocab_size=512", "tokenizer.image_size=64", f"output_dir={stage2}",
                              "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1",
                              "trainer.enable_progress_bar=false"]))
-    assert metric is not None and metric < 10
+    # 2 optimiser steps from a near-uniform start: the masked-token cross-entropy sits at chance over the
+    # 512 codes (ln 512 = 6.238; seeds 0, 1, 2 gave 6.238, 6.233, 6.338). NaN, a divergence, or another
+    # vocabulary (ln 1024 = 6.93) fail; the margin is 5 times the seed-to-seed range
+    assert metric is not None and abs(metric - math.log(512)) < 0.5, metric
     assert (stage2 / "checkpoints" / "last.ckpt").is_file()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import patch_auto_augment
 from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator
+from .samplers import RepeatedAugmentationSampler
 from .shards import generated_records, list_images, write_shards
 from .streaming import EpochLoader, ShardStream, SharedCounter, expand_urls, read_shard_index
 from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, TokenizerViewTransform
@@ -265,6 +266,7 @@ class ImageFolderDataModule(BeitDataModule):
         root: the data set folder.
         train_dir, val_dir: sub-folders of ``root``; a missing ``val_dir`` means no validation.
         labelled: ``None``: sub-folders are classes when present; ``False``: all images unlabeled.
+        seed: seed of the repeated-augmentation sampler's order (``repeated_aug > 1``).
         **kwargs: see :class:`BeitDataModule`.
 
     Unreadable images are skipped with a warning and replaced by the next readable one (see
@@ -273,10 +275,12 @@ class ImageFolderDataModule(BeitDataModule):
     """
 
     def __init__(
-        self, root: str, train_dir: str = "train", val_dir: str | None = "val", labelled: bool | None = None, **kwargs
+        self, root: str, train_dir: str = "train", val_dir: str | None = "val", labelled: bool | None = None,
+        seed: int = 0, **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.root, self.train_dir, self.val_dir, self.labelled = root, train_dir, val_dir, labelled
+        self.seed = seed
         self._skipped = SharedCounter()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -307,6 +311,13 @@ class ImageFolderDataModule(BeitDataModule):
             self.val_set = _Samples(val, self.val_transform) if val is not None else None
 
     def train_dataloader(self) -> DataLoader:
+        if self.repeated_aug > 1:  # DeiT's repeated augmentation: a DistributedSampler that Lightning keeps
+            sampler = RepeatedAugmentationSampler(self.train_set, repeats=self.repeated_aug, seed=self.seed)
+            return DataLoader(
+                self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=True,
+                persistent_workers=self.persistent_workers and self.num_workers > 0,
+            )
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -23,10 +23,12 @@ from torchvision.utils import make_grid, save_image
 
 from ..models.tokenizers.checkpoint import save_tokenizer
 from ..models.tokenizers.dvae import DiscreteVAE
-from ..models.tokenizers.vqkd import VQKD, teacher_patch_features
-from ..optim import configure_adamw_cosine, param_groups
+from ..models.tokenizers.vqkd import VQKD, teacher_output_dim, teacher_patch_features
+from ..optim import configure_adamw_cosine, effective_batch_size, param_groups, schedule_steps
 
 __all__ = ["TokenizerTraining", "codebook_usage"]
+
+TEACHER_TARGETS = ("features", "projected")
 
 
 def codebook_usage(histogram: torch.Tensor) -> tuple[float, float]:
@@ -42,10 +44,20 @@ class TokenizerTraining(pl.LightningModule):
 
     Args:
         tokenizer: the model to train.
-        teacher: VQ-KD only: a timm model name (e.g. ``vit_base_patch16_clip_224.openai``) or module;
-            frozen, in eval mode, run without gradients.
+        teacher: VQ-KD only: a timm model name (e.g. ``vit_base_patch16_clip_quickgelu_224.openai``) or
+            module; frozen, in eval mode, run without gradients, on the tokenizer view normalised with
+            the teacher's own mean/std (resized bicubically only if the teacher has another fixed size).
         teacher_pretrained: load the teacher's published weights through timm (needs them locally).
-        lr, min_lr, weight_decay, betas, warmup_steps: AdamW and a per-step warmup + cosine schedule.
+        teacher_target: ``"features"``: the teacher's patch tokens after its final norm (a name is
+            built with ``num_classes=0``). ``"projected"`` (BEiT v2 with CLIP): those tokens through
+            the model's linear head, which for a timm CLIP ViT is the image projection ``visual.proj``
+            (a name is built with its pretrained ``num_classes``: 512 for CLIP ViT-B/16).
+        lr, min_lr, weight_decay, betas: AdamW peaked at ``lr`` with a per-step warmup + cosine to ``min_lr``.
+        lr_base_batch: the total batch ``lr`` is given for; it is scaled linearly to the run's effective
+            batch (official VQ-KD: 5e-5 at 128). ``min_lr`` is never scaled, as in the official script.
+            ``None``: ``lr`` as given.
+        warmup_steps, warmup_epochs: the linear warmup, in optimiser steps or (when ``warmup_steps`` is
+            ``None``) in epochs; capped at half the run.
         export_path: where the stand-alone tokenizer checkpoint is written (``None``: not written).
         num_logged_images: images per reconstruction grid (dVAE).
     """
@@ -55,11 +67,14 @@ class TokenizerTraining(pl.LightningModule):
         tokenizer: DiscreteVAE | VQKD,
         teacher: nn.Module | str | None = None,
         teacher_pretrained: bool = False,
+        teacher_target: str = "features",
         lr: float = 1e-3,
         min_lr: float = 1e-5,
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 500,
+        warmup_steps: int | None = 500,
+        warmup_epochs: float | None = None,
+        lr_base_batch: int | None = None,
         export_path: str | None = None,
         num_logged_images: int = 8,
     ) -> None:
@@ -70,16 +85,22 @@ class TokenizerTraining(pl.LightningModule):
         if isinstance(tokenizer, VQKD):
             if teacher is None:
                 raise ValueError("VQ-KD needs a teacher: set task.teacher to a timm model name")
+            if teacher_target not in TEACHER_TARGETS:
+                raise ValueError(f"task.teacher_target must be one of {TEACHER_TARGETS}; got {teacher_target!r}")
+            projected = teacher_target == "projected"
             if isinstance(teacher, str):
-                teacher = timm.create_model(teacher, pretrained=teacher_pretrained, num_classes=0)
+                # "projected" keeps the pretrained head: for CLIP towers it holds the image projection
+                kwargs = {} if projected else {"num_classes": 0}
+                teacher = timm.create_model(teacher, pretrained=teacher_pretrained, **kwargs)
             self.teacher = teacher.eval().requires_grad_(False)
             cfg = timm.data.resolve_data_config({}, model=self.teacher)
             self.register_buffer("teacher_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("teacher_std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
-            if self.teacher.num_features != tokenizer.config["teacher_dim"]:
+            dim = teacher_output_dim(self.teacher, projected)
+            if dim != tokenizer.config["teacher_dim"]:
                 raise ValueError(
-                    f"the teacher has {self.teacher.num_features}-d features but the tokenizer's decoder predicts "
-                    f"{tokenizer.config['teacher_dim']}: set task.tokenizer.teacher_dim={self.teacher.num_features}"
+                    f"the teacher's {teacher_target} are {dim}-d but the tokenizer's decoder predicts "
+                    f"{tokenizer.config['teacher_dim']}: set task.tokenizer.teacher_dim={dim}"
                 )
         elif not isinstance(tokenizer, DiscreteVAE):
             raise TypeError(f"can train a DiscreteVAE or a VQKD, not a {type(tokenizer).__name__}")
@@ -92,13 +113,22 @@ class TokenizerTraining(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning keeps the modes modules had when fit() was called; a tokenizer left in eval mode
+        # (e.g. after encoding a batch) would train without its codebook updates
+        self.train()
+
+    @torch.no_grad()
+    def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """VQ-KD: the teacher's patch features ``B x N x teacher_dim`` for tokenizer views in [0, 1]."""
+        return teacher_patch_features(
+            self.teacher, images, self.tokenizer.grid_size, projected=self.hparams.teacher_target == "projected",
+            mean=self.teacher_mean, std=self.teacher_std,
+        )
+
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(self.tokenizer, VQKD):
-            with torch.no_grad():
-                targets = teacher_patch_features(
-                    self.teacher, (images - self.teacher_mean) / self.teacher_std, self.tokenizer.grid_size
-                )
-            return self.tokenizer.training_losses(images, targets)
+            return self.tokenizer.training_losses(images, self.teacher_targets(images))
         return self.tokenizer.training_losses(images, self.global_step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -175,6 +205,15 @@ class TokenizerTraining(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        warmup = min(hp.warmup_steps, int(self.trainer.estimated_stepping_batches) // 2)
+        total, warmup = schedule_steps(self.trainer, hp.warmup_epochs, hp.warmup_steps)
+        warmup = min(warmup, total // 2)
+        min_lr = hp.min_lr
+        batch = effective_batch_size(self.trainer)
+        if hp.lr_base_batch is not None and batch:
+            # configure_adamw_cosine scales lr and min_lr by batch / lr_base_batch; the official
+            # run_vqkd_training.py scales only lr, so min_lr is handed over pre-divided to end at hp.min_lr
+            min_lr = hp.min_lr * hp.lr_base_batch / batch
         groups = param_groups(self.tokenizer, hp.weight_decay)
-        return configure_adamw_cosine(self.trainer, groups, hp.lr, hp.min_lr, hp.betas, warmup_steps=warmup)
+        return configure_adamw_cosine(
+            self.trainer, groups, hp.lr, min_lr, hp.betas, warmup_steps=warmup, lr_base_batch=hp.lr_base_batch
+        )

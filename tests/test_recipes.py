@@ -1,0 +1,130 @@
+"""The shipped experiments against docs/recipes.md, and every experiment and task composed with every
+data group: the composition a user gets is the one the configs and the docs promise."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from beit_lightning.cli import ConfigError, validate_config
+
+ROOT = Path(__file__).parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+# the values a user must give for each data group (paths), so that the composition can be validated
+DATA_PATHS = {"imagefolder": ["data.root=/data/imagenet"],
+              "imagenet_shards": ["data.train_urls='/data/in1k/train/shard-{000000..000009}.tar'"]}
+USER_PATHS = {"tokenizer.path", "tokenizer.checkpoint", "task.teacher"}
+
+
+def _compose(overrides):
+    with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def recipe_tables() -> dict[str, list[tuple[str, object, str]]]:
+    """{experiment: [(key, value, source)]} from docs/recipes.md."""
+    tables: dict[str, list] = {}
+    current = None
+    for line in (ROOT / "docs" / "recipes.md").read_text().splitlines():
+        heading = re.match(r"## `experiment=(\w+)`", line)
+        if heading:
+            current = tables.setdefault(heading.group(1), [])
+            continue
+        row = re.match(r"\| `([^`]+)` \| `([^`]*)` \| (.+) \|$", line)
+        if row and current is not None:
+            current.append((row.group(1), yaml.safe_load(row.group(2)), row.group(3)))
+    return tables
+
+
+TABLES = recipe_tables()
+
+
+def _value(cfg, key):
+    if key == "total_batch":
+        return cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def test_every_paper_experiment_has_a_recipe_table():
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    unofficial = set(re.findall(r"^- `experiment=(\w+)`", text, flags=re.M)) | {e for e in EXPERIMENTS if e.startswith("smoke")}
+    assert sorted(TABLES) == sorted(set(EXPERIMENTS) - unofficial), "every other experiment needs a table in docs/recipes.md"
+    assert all(len(rows) >= 10 and all(source.strip() for _, _, source in rows) for rows in TABLES.values())
+
+
+@pytest.mark.parametrize("experiment", sorted(TABLES))
+def test_experiment_equals_its_recipe_table(experiment):
+    cfg = _compose([f"experiment={experiment}", "output_dir=/tmp/x"])
+    wrong = [f"{key}: config {_value(cfg, key)!r}, table {value!r} ({source})"
+             for key, value, source in TABLES[experiment]
+             if not (_value(cfg, key) == value or (isinstance(value, float) and _value(cfg, key) == pytest.approx(value)))]
+    assert not wrong, "\n".join(wrong)
+
+
+def _assert_composes(cfg, data):
+    try:
+        validate_config(cfg)
+    except ConfigError as err:  # only paths to weights the user must give may be missing
+        text = str(err)
+        assert "required values unset" in text, text
+        unset = set(text.split("unset: ")[1].split(". Set")[0].split(", "))
+        assert unset <= USER_PATHS, unset
+    # the DataModule class accepts every key of the composed data config
+    cls = get_class(cfg.data._target_)
+    assert cls.__name__ == {"generated": "GeneratedDataModule", "imagefolder": "ImageFolderDataModule",
+                            "imagenet_shards": "ImageShardsDataModule"}[data]
+
+
+def _own_data_settings(path: Path) -> dict:
+    """The `data:` block a task or experiment file sets itself."""
+    return (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+
+
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_on_every_data_group_and_keeps_its_data_settings(experiment, data):
+    cfg = _compose([f"experiment={experiment}", f"data={data}", *DATA_PATHS.get(data, []), "output_dir=/tmp/x"])
+    _assert_composes(cfg, data)
+    task_file = CONF / "task" / f"{Path(str(cfg.task._target_)).suffix and _task_of(experiment)}.yaml"
+    for source in (task_file, CONF / "experiment" / f"{experiment}.yaml"):
+        for key, value in _own_data_settings(source).items() if source.is_file() else []:
+            if source.parent.name == "task" and key in _own_data_settings(CONF / "experiment" / f"{experiment}.yaml"):
+                continue  # the experiment overrides its task
+            assert _value(cfg, f"data.{key}") == value, (source.name, key)
+
+
+def _task_of(experiment: str) -> str:
+    for line in (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines():
+        found = re.match(r"\s*- override /task: (\w+)", line)
+        if found:
+            return found.group(1)
+    return "pretrain"
+
+
+@pytest.mark.parametrize("data", DATA)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_keeps_its_data_settings_on_every_data_group(task, data):
+    model = [] if data == "generated" else ["model=beit_base"]  # the real-data groups are sized for 224px models
+    cfg = _compose([f"task={task}", f"data={data}", *model, *DATA_PATHS.get(data, []), "output_dir=/tmp/x"])
+    _assert_composes(cfg, data)
+    own = _own_data_settings(CONF / "task" / f"{task}.yaml")
+    assert own, f"task {task} sets no data mode"
+    for key, value in own.items():
+        assert _value(cfg, f"data.{key}") == value, key
+
+
+def test_linear_probe_task_defaults_are_the_official_recipe():
+    cfg = _compose(["task=linear_probe", "data=imagefolder", "data.root=/x", "output_dir=/tmp/x"])
+    probe = {key: value for key, value, _ in TABLES["beit_base_linear_probe_in1k"]}
+    for key in ("task.lr", "task.lr_base_batch", "task.min_lr", "task.warmup_epochs", "task.schedule_interval",
+                "task.weight_decay", "task.init_std", "trainer.max_epochs", "data.train_interpolation", "data.scale",
+                "data.auto_augment", "data.reprob", "data.color_jitter", "data.crop_pct", "data.mean"):
+        assert _value(cfg, key) == probe[key], key
