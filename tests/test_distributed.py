@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 SCRIPT = textwrap.dedent(
     """
@@ -17,6 +18,7 @@ SCRIPT = textwrap.dedent(
     import pytorch_lightning as pl
     import torch
     from beit_lightning import BeitForMaskedImageModeling, DallETokenizer, GeneratedDataModule, MaskedImageModeling
+    from beit_lightning.strategies import end_distributed
 
     out, precision = sys.argv[1], sys.argv[2]
     pl.seed_everything(0, workers=True)
@@ -37,6 +39,7 @@ SCRIPT = textwrap.dedent(
                    "checksums": sums.flatten().tolist(),
                    "val_loss": float(trainer.callback_metrics["val/loss"]),
                    "tokenizer_training": task.tokenizer.training}, open(out, "w"))
+    end_distributed()  # as every script should: gloo aborts at exit otherwise (exit -6)
     """
 )
 
@@ -61,3 +64,29 @@ def test_ddp_two_processes(tmp_path, precision):
     # near-uniform start: NaN, inf or a diverged update fail
     assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(64) + 0.05
     assert result["tokenizer_training"] is False
+
+
+def test_end_distributed_destroys_the_process_group(tmp_path, monkeypatch):
+    """The fix of the abort at exit: the group is gone after end_distributed (a no-op without one),
+    and the CLI calls it after training."""
+    import torch.distributed as dist
+
+    from beit_lightning import cli
+    from beit_lightning.strategies import end_distributed
+
+    assert end_distributed() is False
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    work = dist.all_reduce(torch.ones(2), async_op=True)  # pending gloo work, as after a last all_gather
+    assert end_distributed() is True and not dist.is_initialized()
+    work.wait()
+    calls = []
+    monkeypatch.setattr(cli, "end_distributed", lambda: calls.append(1))
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=smoke", f"output_dir={tmp_path}", "data.num_train=64", "data.num_val=0", "trainer.max_steps=1",
+            "trainer.enable_progress_bar=false", "logger=csv", "metric=train/loss"])
+    cli.train(cfg)
+    assert calls == [1]

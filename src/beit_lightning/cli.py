@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoints import load_checkpoint, newest_checkpoint
+from .strategies import end_distributed
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def train(cfg: DictConfig) -> float | None:
 
     trainer.fit(task, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), output_dir))
     value = trainer.callback_metrics.get(cfg.metric) if cfg.get("metric") else None
+    end_distributed()  # every rank, after the last collective: no gloo abort at interpreter exit
     return float(value) if value is not None else None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from pytorch_lightning.strategies import FSDPStrategy
 from timm.models import beit, vision_transformer
 
@@ -22,3 +23,18 @@ def block_fsdp_strategy(
         sharding_strategy=sharding_strategy,
         **kwargs,
     )
+
+
+def end_distributed() -> bool:
+    """Destroy the default process group, if this process has one; return whether it had.
+
+    Call it once communication is over (after ``fit``/``test`` and any last ``all_gather``), on
+    every rank. Why: Lightning leaves the group up, and a gloo group whose worker threads still
+    hold work when the interpreter shuts down aborts the process with ``terminate called without
+    an active exception`` (exit -6) after a successful run (pytorch/pytorch#190489). PyTorch asks
+    every process to call ``destroy_process_group`` before it exits; ``beit-lightning`` does.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        return True
+    return False
