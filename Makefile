@@ -18,6 +18,7 @@ DEMO_DIR ?= outputs/demo
 # The full BEiT path on the embedded generated data, on CPU: a dVAE tokenizer (~3 min), then
 # masked image modeling against its tokens (~20 s).
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
 	$(BIN)/beit-lightning experiment=smoke_tokenizer hydra.run.dir=$(DEMO_DIR)/tokenizer
 	$(BIN)/beit-lightning experiment=smoke tokenizer=dvae tokenizer.checkpoint=$(DEMO_DIR)/tokenizer/tokenizer.pt \
 		tokenizer.vocab_size=512 tokenizer.image_size=64 hydra.run.dir=$(DEMO_DIR)/pretrain

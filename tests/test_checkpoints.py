@@ -66,3 +66,32 @@ def test_missing_file_and_foreign_objects(tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}, "obj": torch.nn.Linear(1, 1)}, path)
     with pytest.raises(ValueError, match="weights_only=False"):
         load_checkpoint(micro_model(), path)
+
+
+def test_newest_checkpoint_picks_the_highest_step_then_a_resumable_file(tmp_path):
+    from beit_lightning.checkpoints import newest_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    full = {"optimizer_states": [], "loops": {}, "state_dict": {}}
+    torch.save({**full, "global_step": 30}, folder / "last.ckpt")
+    torch.save({**full, "global_step": 20}, folder / "epoch001-step0000020.ckpt")
+    torch.save({**full, "global_step": 37}, tmp_path / "hpc_ckpt_1.ckpt")  # SLURM's, outside checkpoints/
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    # at equal steps a weights-only file (no optimizer or loop state) loses, even when written later
+    torch.save({"state_dict": {}, "global_step": 37}, folder / "weights-step37.ckpt")
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    # an unreadable file is passed over with a warning naming it
+    (folder / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="broken.ckpt"):
+        assert newest_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    assert newest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_newest_checkpoint_refuses_to_start_afresh_when_no_checkpoint_reads(tmp_path):
+    from beit_lightning.checkpoints import newest_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="cannot resume.*last.ckpt"):
+        newest_checkpoint(tmp_path)

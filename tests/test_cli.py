@@ -40,8 +40,10 @@ def test_every_experiment_composes_and_builds_its_model(experiment, tmp_path):
             model = instantiate(cfg.task.model)
         backbone = getattr(model, "backbone", model)
         assert backbone.default_cfg["architecture"] == cfg.model.name
-        assert backbone.patch_embed.img_size[0] == cfg.data.input_size
-        if cfg.data.mode == "pretrain":
+        assert backbone.patch_embed.img_size[0] == cfg.data.get("input_size", cfg.data.get("crop_size"))
+        if "crop_size" in cfg.data:  # segmentation: BEiT + UperNet at the crop size, one output per class
+            assert model.decode_head.conv_seg.out_channels == cfg.task.num_classes == model.auxiliary_head.conv_seg.out_channels
+        elif cfg.data.mode == "pretrain":
             assert model.vocab_size == cfg.tokenizer.vocab_size
         else:
             assert backbone.num_classes == cfg.task.get("num_classes", 0) or backbone.num_classes == 0
@@ -126,3 +128,12 @@ def test_resume_last_checkpoint_of_a_run(tmp_path):
     train(_compose([*base, "trainer.max_epochs=2", "ckpt_path=last"]))
     second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 4 and second["epoch"] == 1
+
+
+def test_a_fresh_run_in_a_folder_with_checkpoints_is_refused(tmp_path):
+    """Without ckpt_path, a second run in the same folder would mix its files with the first one's (and
+    `ckpt_path=last` could later resume the other run): refused, naming both ways out."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"ckpt_path=last.*hydra\.run\.dir"):
+        train(_compose(["experiment=smoke", f"output_dir={tmp_path}"]))

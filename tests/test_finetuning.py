@@ -211,3 +211,13 @@ def test_pretrain_then_finetune_and_probe_through_the_app(tmp_path):
     csv = tmp_path / "lp" / "csv" / "metrics.csv"
     blocks = [last_logged(csv, f"val/acc1_block{b}") for b in (0, 1)]
     assert acc == pytest.approx(max(blocks)) == pytest.approx(last_logged(csv, "val/acc1"))
+
+
+def test_linear_probe_heads_run_in_float32_under_mixed_precision():
+    """As the official run_linear_eval.py: only the frozen encoder runs under autocast."""
+    from beit_lightning.tasks import LinearProbe
+
+    probe = LinearProbe(timm.create_model("beit_lightning_micro_patch8_32", num_classes=0), num_classes=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = probe.logits(probe.features(torch.randn(2, 3, 32, 32)))
+    assert [o.dtype for o in outs] == [torch.float32] * len(probe.blocks)

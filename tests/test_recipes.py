@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from beit_lightning.cli import ConfigError, validate_config
@@ -19,7 +19,14 @@ TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 # the values a user must give for each data group (paths), so that the composition can be validated
 DATA_PATHS = {"imagefolder": ["data.root=/data/imagenet"],
-              "imagenet_shards": ["data.train_urls='/data/in1k/train/shard-{000000..000009}.tar'"]}
+              "imagenet_shards": ["data.train_urls='/data/in1k/train/shard-{000000..000009}.tar'"],
+              "ade20k": ["data.root=/data/ADEChallengeData2016"],
+              "ade20k_shards": ["data.train_urls='/data/ade/train/shard-{000000..000009}.tar'"]}
+#: data groups of label maps (task=segmentation) and their DataModule classes; the others hold class labels
+SEGMENTATION_DATA = {"generated_segmentation": "GeneratedSegmentationDataModule", "ade20k": "ADE20KDataModule",
+                     "ade20k_shards": "SegmentationShardsDataModule"}
+IMAGE_DATA = {"generated": "GeneratedDataModule", "imagefolder": "ImageFolderDataModule",
+              "imagenet_shards": "ImageShardsDataModule"}
 USER_PATHS = {"tokenizer.path", "tokenizer.checkpoint", "task.teacher"}
 
 
@@ -77,10 +84,20 @@ def _assert_composes(cfg, data):
         assert "required values unset" in text, text
         unset = set(text.split("unset: ")[1].split(". Set")[0].split(", "))
         assert unset <= USER_PATHS, unset
-    # the DataModule class accepts every key of the composed data config
+    # the DataModule of the group, and it accepts every key of the composed data config
     cls = get_class(cfg.data._target_)
-    assert cls.__name__ == {"generated": "GeneratedDataModule", "imagefolder": "ImageFolderDataModule",
-                            "imagenet_shards": "ImageShardsDataModule"}[data]
+    assert cls.__name__ == {**IMAGE_DATA, **SEGMENTATION_DATA}[data]
+    instantiate(cfg.data)
+
+
+def _compatible(task: str, data: str) -> bool:
+    return (task == "segmentation") == (data in SEGMENTATION_DATA)
+
+
+def _assert_refused(overrides, task: str) -> None:
+    """A segmentation task on class-label data, or the reverse: a clear error naming the right groups."""
+    with pytest.raises(ConfigError, match="segmentation" if task == "segmentation" else "task=segmentation only"):
+        validate_config(_compose(overrides))
 
 
 def _own_data_settings(path: Path) -> dict:
@@ -91,9 +108,13 @@ def _own_data_settings(path: Path) -> dict:
 @pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_on_every_data_group_and_keeps_its_data_settings(experiment, data):
-    cfg = _compose([f"experiment={experiment}", f"data={data}", *DATA_PATHS.get(data, []), "output_dir=/tmp/x"])
+    overrides = [f"experiment={experiment}", f"data={data}", *DATA_PATHS.get(data, []), "output_dir=/tmp/x"]
+    if not _compatible(_task_of(experiment), data):
+        _assert_refused(overrides, _task_of(experiment))
+        return
+    cfg = _compose(overrides)
     _assert_composes(cfg, data)
-    task_file = CONF / "task" / f"{Path(str(cfg.task._target_)).suffix and _task_of(experiment)}.yaml"
+    task_file = CONF / "task" / f"{_task_of(experiment)}.yaml"
     for source in (task_file, CONF / "experiment" / f"{experiment}.yaml"):
         for key, value in _own_data_settings(source).items() if source.is_file() else []:
             if source.parent.name == "task" and key in _own_data_settings(CONF / "experiment" / f"{experiment}.yaml"):
@@ -112,11 +133,17 @@ def _task_of(experiment: str) -> str:
 @pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_keeps_its_data_settings_on_every_data_group(task, data):
-    model = [] if data == "generated" else ["model=beit_base"]  # the real-data groups are sized for 224px models
-    cfg = _compose([f"task={task}", f"data={data}", *model, *DATA_PATHS.get(data, []), "output_dir=/tmp/x"])
+    model = [] if data.startswith("generated") else ["model=beit_base"]  # the real-data groups are sized for 224px models
+    if task == "segmentation" and data.startswith("generated"):
+        model = ["model=beit_small"]  # the micro model has too few blocks for the four scales
+    overrides = [f"task={task}", f"data={data}", *model, *DATA_PATHS.get(data, []), "output_dir=/tmp/x"]
+    if not _compatible(task, data):
+        _assert_refused(overrides, task)
+        return
+    cfg = _compose(overrides)
     _assert_composes(cfg, data)
     own = _own_data_settings(CONF / "task" / f"{task}.yaml")
-    assert own, f"task {task} sets no data mode"
+    assert own or task == "segmentation", f"task {task} sets no data mode"
     for key, value in own.items():
         assert _value(cfg, f"data.{key}") == value, key
 
@@ -128,3 +155,23 @@ def test_linear_probe_task_defaults_are_the_official_recipe():
                 "task.weight_decay", "task.init_std", "trainer.max_epochs", "data.train_interpolation", "data.scale",
                 "data.auto_augment", "data.reprob", "data.color_jitter", "data.crop_pct", "data.mean"):
         assert _value(cfg, key) == probe[key], key
+
+
+def _flat(cfg) -> dict:
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
+
+
+@pytest.mark.parametrize("variant", ["beit_base_ade20k_pt2ft", "beit_base_ade20k_640_pt2ft"])
+def test_segmentation_variants_differ_from_the_base_recipe_only_in_their_table(variant):
+    """The variant tables list only what differs: everything else must be beit_base_ade20k's."""
+    base = _flat(_compose(["experiment=beit_base_ade20k", "data.root=/x", "output_dir=/tmp/x"]))
+    other = _flat(_compose([f"experiment={variant}", "data.root=/x", "output_dir=/tmp/x"]))
+    listed = {key for key, _, _ in TABLES[variant]}
+    differ = {k for k in base.keys() | other.keys() if base.get(k) != other.get(k)}
+    assert differ <= listed, sorted(differ - listed)

@@ -63,20 +63,28 @@ def _shards(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["generated", "shards"])
+@pytest.mark.parametrize("source", ["generated", "shards", "accumulation", "segmentation"])
 def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, source):
-    args = list(RUN)
+    args, kill_at, epoch_end = list(RUN), 10, "epoch001-step0000016.ckpt"  # step 10: batch 2 of epoch 1
     if source == "shards":
         args = [*COMMON, "data=imagenet_shards", f"data.train_urls='{_shards(tmp_path)}'", "data.batch_size=32",
                  "data.tokenizer_size=64", "data.num_masking_patches=26", "data.min_num_patches=4"]
+    if source == "segmentation":  # BEiT + UperNet on generated segmentation shards: 128 / 16 = 8 steps per epoch
+        args = [a for a in COMMON if not a.startswith("experiment=")]
+        args = ["experiment=smoke_segmentation", *args, "data.num_train=128", "data.num_val=8"]
+    if source == "accumulation":  # 7 batches per epoch, 2 per step: 4 steps per epoch (the last of 1 batch)
+        args, kill_at, epoch_end = [*COMMON, "data.num_train=224", "data.num_val=32", "trainer.accumulate_grad_batches=2"], \
+            5, "epoch001-step0000008.ckpt"  # step 5: batches 0-1 of epoch 1
     straight = tmp_path / "straight"
     _run([*args, f"hydra.run.dir={straight}"])
+    if source == "accumulation":  # every batch of every epoch trained: 3 x 4 steps
+        assert torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([EXE, *args, f"hydra.run.dir={killed}"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    _kill_when(proc, killed / "checkpoints" / "newest-step0000010.ckpt")  # step 10: batch 2 of epoch 1
-    assert not (killed / "checkpoints" / "epoch001-step0000016.ckpt").exists()
+    _kill_when(proc, killed / "checkpoints" / f"newest-step{kill_at:07d}.ckpt")
+    assert not (killed / "checkpoints" / epoch_end).exists()
     resumed = _run([*args, f"hydra.run.dir={killed}", "ckpt_path=last"])
     assert "not resumable" not in resumed.stderr
     _assert_same_training_state(straight / "checkpoints" / "last.ckpt", killed / "checkpoints" / "last.ckpt")

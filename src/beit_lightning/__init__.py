@@ -1,9 +1,15 @@
-"""beit-lightning: BEiT pre-training and fine-tuning as Lightning tasks over timm models."""
+"""beit-lightning: BEiT pre-training, fine-tuning and segmentation as Lightning tasks over timm models."""
 
 from .checkpoints import export_timm, load_checkpoint
 from .data import BlockwiseMaskGenerator, GeneratedDataModule
-from .models import BeitForMaskedImageModeling
-from .tasks import ImageClassification, LinearProbe, MaskedImageModeling, TokenizerTraining
+from .models import BeitForMaskedImageModeling, BeitUperNet
+from .tasks import (
+    ImageClassification,
+    LinearProbe,
+    MaskedImageModeling,
+    SemanticSegmentation,
+    TokenizerTraining,
+)
 from .tokenizers import VQKD, DallETokenizer, DiscreteVAE, VisualTokenizer, load_tokenizer, save_tokenizer
 
 __version__ = "0.1.0"
@@ -11,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VQKD",
     "BeitForMaskedImageModeling",
+    "BeitUperNet",
     "BlockwiseMaskGenerator",
     "DallETokenizer",
     "DiscreteVAE",
@@ -18,6 +25,7 @@ __all__ = [
     "ImageClassification",
     "LinearProbe",
     "MaskedImageModeling",
+    "SemanticSegmentation",
     "TokenizerTraining",
     "VisualTokenizer",
     "__version__",

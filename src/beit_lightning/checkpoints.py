@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,9 @@ NEW_HEAD_PREFIXES = ("head.", "fc_norm.")
 
 #: keys that only a masked-image-modeling model has
 MIM_ONLY_PREFIXES = ("mask_token", "lm_head.")
+
+#: the parts of a segmentation model around its backbone (BeitUperNet)
+SEGMENTATION_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.")
 
 
 class CheckpointMismatchError(ValueError):
@@ -89,7 +93,9 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     folder when SLURM signals a pre-emption or time limit. The newest is the one with the highest
     ``global_step`` (read without loading the tensors), then the latest modification time: a
     requeued job resumes from the signal's checkpoint even though a periodic ``last.ckpt`` is
-    older, and never from a file of an earlier step that happens to be touched later.
+    older, and never from a file of an earlier step that happens to be touched later. At equal
+    steps a file with optimizer and loop state beats a weights-only one. A file that cannot be read
+    is passed over with a warning; if no file can be read, it raises (rather than start afresh).
     """
     folder = os.fspath(run_dir)
     found = []
@@ -98,15 +104,24 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> str | None:
         found += [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.endswith(".ckpt")]
     if os.path.isdir(folder):
         found += [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("hpc_ckpt_") and n.endswith(".ckpt")]
-    best, best_key = None, None
+    best, best_key, unreadable = None, None, []
     for path in found:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            key = (int(state.get("global_step", -1)), os.path.getmtime(path))
-        except Exception:  # noqa: BLE001 - an unreadable file is not a resume candidate
+            resumable = "optimizer_states" in state and "loops" in state  # not a weights-only file
+            key = (int(state.get("global_step", -1)), resumable, os.path.getmtime(path))
+        except Exception as err:  # noqa: BLE001 - reported below; not a resume candidate
+            unreadable.append(f"{path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
             continue
         if best_key is None or key > best_key:
             best, best_key = path, key
+    if unreadable and best is None:
+        raise RuntimeError(
+            "none of the run's checkpoints can be read, so it cannot resume: " + "; ".join(unreadable)
+            + ". Move the broken files away (the run then starts from scratch) or pass ckpt_path=<file>"
+        )
+    if unreadable:
+        warnings.warn(f"checkpoints that could not be read were passed over: {'; '.join(unreadable)}", stacklevel=2)
     return best
 
 
@@ -192,6 +207,11 @@ def _adapt_to_beit(flat: dict[str, torch.Tensor], target: Beit, result: LoadResu
     return flat
 
 
+def _is_segmentation_model(model: nn.Module) -> bool:
+    """A network with a timm ``Beit`` as ``backbone`` and segmentation heads around it."""
+    return isinstance(getattr(model, "backbone", None), Beit) and hasattr(model, "decode_head")
+
+
 def load_checkpoint(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
@@ -199,7 +219,13 @@ def load_checkpoint(
     weights_only: bool = True,
     norm_to_fc_norm: bool = False,
 ) -> LoadResult:
-    """Load BEiT weights into ``model`` (a :class:`BeitForMaskedImageModeling` or a timm ``Beit``).
+    """Load BEiT weights into ``model`` (a :class:`BeitForMaskedImageModeling`, a timm ``Beit``, or
+    a segmentation model such as :class:`~beit_lightning.models.BeitUperNet`).
+
+    Into a segmentation model, a pre-trained or fine-tuned BEiT fills the backbone (relative
+    position tables resized to its window on BEiT's geometric grid, a shared table copied into
+    every block; the LM head, mask token, final norm and classifier head dropped), and the neck
+    and heads start fresh (``result.initialised``); a segmentation checkpoint fills everything.
 
     With ``strict=True`` any missing key, unused key or shape mismatch raises
     :class:`CheckpointMismatchError` listing all of them, and the model is left untouched.
@@ -210,10 +236,26 @@ def load_checkpoint(
     (used by :func:`export_timm`); by default it is dropped, as the official fine-tuning does.
     """
     state, source = read_state_dict(path_or_state_dict, weights_only=weights_only)
+    # a segmentation checkpoint's neck and heads keep their names; the rest is a BEiT backbone
+    heads = {k: state.pop(k) for k in list(state) if k.startswith(SEGMENTATION_PREFIXES)}
     flat = to_flat_beit_state_dict(state)
     result = LoadResult(source=source)
+    segmentation = _is_segmentation_model(model)
+    if heads and not segmentation:
+        result.dropped += sorted(heads)
 
-    if isinstance(model, BeitForMaskedImageModeling):
+    if segmentation:
+        backbone = model.backbone
+        for key in [k for k in flat if k.startswith(MIM_ONLY_PREFIXES + NEW_HEAD_PREFIXES)]:
+            flat.pop(key)
+            result.dropped.append(key)
+        flat = _adapt_to_beit(flat, backbone, result, False)
+        backbone_keys = set(backbone.state_dict())
+        for key in [k for k in flat if k not in backbone_keys and k.startswith(("norm.", "head."))]:
+            flat.pop(key)  # the final norm: the segmentation backbone takes block outputs before it
+            result.dropped.append(f"{key} (unused: features are taken from inside the backbone)")
+        flat = {**{f"backbone.{k}": v for k, v in flat.items()}, **heads}
+    elif isinstance(model, BeitForMaskedImageModeling):
         head = {k: flat.pop(k) for k in list(flat) if k.startswith(MIM_ONLY_PREFIXES)}
         flat = {**{f"backbone.{k}": v for k, v in _adapt_to_beit(flat, model.backbone, result, False).items()}, **head}
     elif isinstance(model, Beit):
@@ -222,7 +264,10 @@ def load_checkpoint(
             result.dropped.append(key)
         flat = _adapt_to_beit(flat, model, result, norm_to_fc_norm)
     else:
-        raise TypeError(f"load_checkpoint expects a BeitForMaskedImageModeling or a timm Beit; got {type(model).__name__}")
+        raise TypeError(
+            "load_checkpoint expects a BeitForMaskedImageModeling, a timm Beit or a segmentation model with a Beit "
+            f"backbone (BeitUperNet); got {type(model).__name__}"
+        )
     target_state = model.state_dict()
 
     to_load = {}
@@ -235,7 +280,8 @@ def load_checkpoint(
             to_load[key] = value
     for key in target_state:
         if key not in flat:
-            fresh = isinstance(model, Beit) and key.startswith(NEW_HEAD_PREFIXES)
+            fresh = (isinstance(model, Beit) and key.startswith(NEW_HEAD_PREFIXES)) or (
+                segmentation and key.startswith(SEGMENTATION_PREFIXES))
             (result.initialised if fresh else result.missing).append(key)
 
     if strict and (result.missing or result.unexpected or result.mismatched):

@@ -97,6 +97,31 @@ def _check_sizes(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _check_task_data(cfg: DictConfig) -> list[str]:
+    """Segmentation needs label maps (a segmentation data group), and the other tasks need images
+    with class labels; a BEiT + UperNet needs four feature blocks."""
+    task, data = cfg.get("task"), cfg.get("data")
+    if task is None or data is None or "_target_" not in task or "_target_" not in data:
+        return []
+    try:
+        from .data import SegmentationDataModule
+
+        seg_data = issubclass(get_object(data._target_), SegmentationDataModule)
+    except Exception:  # noqa: BLE001 - a wrong _target_ is reported by _check_arguments
+        return []
+    seg_task = str(task._target_).endswith("SemanticSegmentation")
+    if seg_task and not seg_data:
+        return [f"task=segmentation needs label maps, but data={data._target_.rsplit('.', 1)[-1]} has class labels: "
+                "use data=generated_segmentation, data=ade20k (data.root=...) or data=ade20k_shards"]
+    if seg_data and not seg_task:
+        return [f"data={data._target_.rsplit('.', 1)[-1]} holds segmentation label maps; it serves task=segmentation "
+                "only: pick another data group (generated, imagefolder, imagenet_shards)"]
+    if seg_task and cfg.get("model") is not None and cfg.model.get("seg_out_indices") is None:
+        return ["model.seg_out_indices is unset: segmentation takes the outputs of 4 blocks (base: [3, 5, 7, 11]); "
+                "set it (and model.arch.depth for the micro model: experiment=smoke_segmentation does)"]
+    return []
+
+
 def _tokenizer_downsample(tok: DictConfig) -> int | None:
     """Pixels per code of the configured tokenizer class (``None`` if it cannot be told)."""
     try:
@@ -123,6 +148,9 @@ def _check_files(cfg: DictConfig) -> list[str]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem of ``cfg``; do nothing when it is sound."""
+    mismatch = _check_task_data(cfg)  # first: other groups' interpolations fail on the wrong kind of data
+    if mismatch:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(mismatch))
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
         raise ConfigError(
@@ -159,6 +187,19 @@ def _resume_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return path
 
 
+def _refuse_a_used_folder(output_dir: str, ckpt_path: str | None) -> None:
+    """A fresh run (no ``ckpt_path``) must not write into a folder that holds another run's
+    checkpoints: its files would mix with theirs, and ``ckpt_path=last`` could later resume the
+    other run's newer step."""
+    folder = os.path.join(output_dir, "checkpoints")
+    used = sorted(n for n in os.listdir(folder) if n.endswith(".ckpt")) if os.path.isdir(folder) else []
+    if ckpt_path is None and used:
+        raise ConfigError(
+            f"{folder} already holds checkpoints ({', '.join(used[:3])}{', ...' if len(used) > 3 else ''}) of an earlier "
+            "run: resume it with ckpt_path=last, or start this run in a new folder (hydra.run.dir=...)"
+        )
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -171,6 +212,7 @@ def train(cfg: DictConfig) -> float | None:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = cfg.output_dir
     os.makedirs(output_dir, exist_ok=True)
+    _refuse_a_used_folder(output_dir, cfg.get("ckpt_path"))
 
     datamodule = instantiate(cfg.data)
     task = instantiate(cfg.task)

@@ -1,17 +1,24 @@
-"""The optimisation recipe shared by all tasks: AdamW parameter groups and per-step schedules.
+"""The optimisation recipe shared by all tasks: AdamW parameter groups and schedules.
 
-* No weight decay for biases, normalisation weights, and the parameters a model lists in
-  ``no_weight_decay()`` (cls/mask tokens, position embeddings, relative position tables).
+* No weight decay for biases, 1-d tensors (norms, layer scales) and the names of the official
+  recipe of the model's family (:func:`official_no_weight_decay`: for BEiT ``pos_embed`` and
+  ``cls_token`` only, so the mask token and the relative position tables are decayed; for other
+  timm models their ``no_weight_decay()``).
 * Optional layer-wise learning-rate decay (fine-tuning): parameter group scales follow timm's
   ``group_matcher`` layer ids.
 * A schedule stepped per optimiser step (BEiT) or per epoch (the official linear probe and
   DeiT): linear warmup from ``warmup_lr`` (0 in BEiT, 1e-6 in DeiT) to the peak, then
   half-cosine to a floor. The same function drives the learning rate and BEiT's optional
   weight-decay schedule.
+* Segmentation (mmcv's ``poly`` policy with linear warmup, as BEiT's UperNet configs use it):
+  :func:`warmup_poly_lambda` and :func:`configure_adamw_poly`; layer-wise decay over a backbone
+  inside a larger model (neck and heads at scale 1.0) with ``layer_decay_param_groups(...,
+  backbone="backbone")``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable
 
@@ -22,6 +29,7 @@ from torch import nn
 __all__ = [
     "build_adamw",
     "configure_adamw_cosine",
+    "configure_adamw_poly",
     "cosine_schedule",
     "effective_batch_size",
     "layer_decay_param_groups",
@@ -30,6 +38,7 @@ __all__ = [
     "scale_lr",
     "schedule_steps",
     "warmup_cosine_lambda",
+    "warmup_poly_lambda",
 ]
 
 
@@ -46,12 +55,14 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     skip_names: Iterable[str] = (),
+    official_exemptions: bool = True,
 ) -> list[dict]:
-    """Two AdamW groups: with ``weight_decay`` and without (1-d tensors, biases, listed tokens).
+    """Two AdamW groups: with ``weight_decay`` and without (1-d tensors, biases, ``skip_names``, and
+    with ``official_exemptions`` the names of :func:`official_no_weight_decay`).
 
     Each group carries ``lr_scale`` (1.0 here) so that schedules can multiply it in.
     """
-    skip = _no_weight_decay_names(model) | set(skip_names)
+    skip = (_no_weight_decay_names(model) if official_exemptions else set()) | set(skip_names)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -136,16 +147,74 @@ def official_no_weight_decay(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float, backbone: str | None = None,
+    no_weight_decay: Iterable[str] = (),
+) -> list[dict]:
     """timm's layer-wise lr decay groups: the embedding gets ``layer_decay ** (L + 1)``, block ``i``
     ``layer_decay ** (L - i)``, the final norm and the head 1.0 (``L`` blocks; as BEiT's
     fine-tuning code). Each group's ``lr_scale`` multiplies the scheduled learning rate. Weight
-    decay follows :func:`official_no_weight_decay`."""
+    decay follows :func:`official_no_weight_decay`.
+
+    ``backbone``: the name of a timm sub-module of ``model`` (e.g. ``"backbone"`` of
+    :class:`~beit_lightning.models.BeitUperNet`) whose ``group_matcher`` gives the layer ids;
+    every parameter outside it (neck, decode and auxiliary heads) is at scale 1.0. This is BEiT's
+    segmentation ``LayerDecayOptimizerConstructor`` (``num_layers = L + 2``, scale
+    ``rate ** (num_layers - layer_id - 1)``, layer id 0 for tokens and patch embedding, ``i + 1``
+    for block ``i``, ``L + 1`` for everything else).
+    """
     from timm.optim import param_groups_layer_decay
 
-    return param_groups_layer_decay(
-        model, weight_decay=weight_decay, no_weight_decay_list=official_no_weight_decay(model), layer_decay=layer_decay
-    )
+    if backbone is None:
+        return param_groups_layer_decay(
+            model, weight_decay=weight_decay, no_weight_decay_list=official_no_weight_decay(model), layer_decay=layer_decay
+        )
+    from timm.models import group_parameters
+
+    sub = model.get_submodule(backbone)
+    if not hasattr(sub, "group_matcher") or not hasattr(sub, "blocks"):
+        raise TypeError(f"layer-wise lr decay needs a timm ViT as {backbone!r}; got {type(sub).__name__}")
+    ids = {f"{backbone}.{name}": i for name, i in group_parameters(sub, sub.group_matcher(coarse=False), reverse=True).items()}
+    top = len(sub.blocks) + 1  # the layer id of everything after the blocks: scale 1.0
+    patterns = list(no_weight_decay)
+    skip = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = min(ids.get(name, top), top)
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        group = groups.setdefault(key, {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr_scale": layer_decay ** (top - layer), "name": key,
+        })
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def poly_schedule(
+    step: int, total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6, power: float = 1.0, min_ratio: float = 0.0
+) -> float:
+    """mmcv's ``PolyLrUpdaterHook`` with linear warmup, as a multiplier of the peak lr at ``step``:
+    ``(1 - step / total) ** power`` (down to ``min_ratio``), and during the first ``warmup_steps``
+    that value times a factor rising linearly from ``warmup_ratio`` to 1 (mmcv warms up the
+    already-decayed lr, not the peak)."""
+    progress = min(step, total_steps) / max(1, total_steps)
+    value = (1.0 - min_ratio) * (1.0 - progress) ** power + min_ratio
+    if warmup_steps > 0 and step < warmup_steps:
+        value *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+    return value
+
+
+def warmup_poly_lambda(total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6, power: float = 1.0,
+                       min_ratio: float = 0.0):
+    """A ``LambdaLR`` multiplier for :func:`poly_schedule`."""
+
+    def fn(step: int) -> float:
+        return poly_schedule(step, total_steps, warmup_steps, warmup_ratio, power, min_ratio)
+
+    return fn
 
 
 def schedule_steps(
@@ -159,7 +228,9 @@ def schedule_steps(
             raise ValueError("a schedule stepped per epoch needs trainer.max_epochs >= 1")
         if warmup_steps is not None:
             raise ValueError("a schedule stepped per epoch takes warmup_epochs, not warmup_steps")
-        return int(trainer.max_epochs), int(round(warmup_epochs or 0))
+        if warmup_epochs and float(warmup_epochs) != int(warmup_epochs):
+            raise ValueError(f"a schedule stepped per epoch needs whole warmup_epochs; got {warmup_epochs}")
+        return int(trainer.max_epochs), int(warmup_epochs or 0)
     if interval != "step":
         raise ValueError(f"the schedule interval must be 'step' or 'epoch'; got {interval!r}")
     total = int(trainer.estimated_stepping_batches)
@@ -236,3 +307,29 @@ def configure_adamw_cosine(
     lam = warmup_cosine_lambda(total, warmup, min_lr / lr, warmup_lr / lr, warmup_prefix)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def configure_adamw_poly(
+    trainer,
+    groups: list[dict],
+    lr: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    lr_base_batch: int | None = None,
+) -> dict:
+    """``configure_optimizers`` output: AdamW over ``groups`` (each at ``lr * lr_scale``) with
+    mmcv's linear warmup + poly decay to ``min_lr`` (:func:`poly_schedule`), stepped every
+    optimiser step over ``trainer.estimated_stepping_batches`` (``max_steps``: 160k for BEiT's
+    UperNet)."""
+    lr, min_lr = scale_lr(trainer, lr, min_lr, lr_base_batch)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    mixed = "mixed" in str(trainer.precision)
+    optimizer = build_adamw(groups, lr=lr, betas=tuple(betas), fused=not mixed)
+    total = int(trainer.estimated_stepping_batches)
+    lam = warmup_poly_lambda(total, int(warmup_steps), warmup_ratio, power, min_lr / lr if lr else 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,6 +12,7 @@ loaders. Subclasses say where images come from:
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -29,7 +30,14 @@ from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator
 from .samplers import RepeatedAugmentationSampler
 from .shards import generated_records, list_images, write_shards
-from .streaming import EpochLoader, ShardStream, SharedCounter, expand_urls, read_shard_index
+from .streaming import (
+    EpochLoader,
+    ShardStream,
+    SharedCounter,
+    expand_urls,
+    private_generator,
+    read_shard_index,
+)
 from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, TokenizerViewTransform
 
 MODES = ("pretrain", "finetune", "tokenizer")
@@ -169,6 +177,7 @@ class BeitDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=shuffle if drop_last is None else drop_last,
+            generator=private_generator(getattr(self, "seed", 0)),
         )
 
 
@@ -315,7 +324,7 @@ class ImageFolderDataModule(BeitDataModule):
             sampler = RepeatedAugmentationSampler(self.train_set, repeats=self.repeated_aug, seed=self.seed)
             return DataLoader(
                 self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=True,
+                pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=True, generator=private_generator(self.seed),
                 persistent_workers=self.persistent_workers and self.num_workers > 0,
             )
         return self._loader(self.train_set, shuffle=True)
@@ -402,12 +411,23 @@ class ImageShardsDataModule(BeitDataModule):
                 self.val_stream = self._stream(val, self._count(val, self.val_samples, "validation"), False)
 
     def _train_position(self) -> tuple[int, int] | None:
-        """(epoch, batches of it already trained): not 0 after a mid-epoch resume."""
+        """(epoch, batches of it already trained): not 0 after a mid-epoch resume.
+
+        From the restored optimiser steps: an epoch of ``B`` batches takes ``ceil(B / accumulate)``
+        steps (Lightning steps at the end of an epoch whatever the accumulation), and a checkpoint
+        inside an epoch falls on a step boundary, after ``(steps into the epoch) x accumulate``
+        batches. ``B`` honours ``limit_train_batches``.
+        """
         trainer = self.trainer
         if trainer is None:
             return None
         per_epoch = len(self.train_stream) // self.batch_size
-        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
+        limited = getattr(trainer, "num_training_batches", float("inf"))
+        if limited != float("inf") and 0 < limited < per_epoch:
+            per_epoch = int(limited)
+        accumulate = max(1, trainer.accumulate_grad_batches)
+        steps_per_epoch = math.ceil(per_epoch / accumulate)
+        done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * accumulate
         return trainer.current_epoch, min(max(0, done), per_epoch)
 
     def _stream_loader(self, stream: ShardStream, position_fn) -> EpochLoader:

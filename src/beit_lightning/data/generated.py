@@ -5,6 +5,9 @@ Each class is a kind of structure (disc, square, triangle, ring, cross, stripes 
 orientations, checkerboard, dots) drawn in random colours, positions and sizes on a gradient
 background with mild noise. Image ``i`` depends only on ``(seed, i)``, so workers and ranks see
 the same data set.
+
+For segmentation, :class:`GeneratedSegmentation` draws scenes of a few large textured regions
+with their pixel label maps, in the ADE20K convention (0 = not evaluated).
 """
 
 from __future__ import annotations
@@ -104,3 +107,121 @@ class GeneratedImages(Dataset):
             raise IndexError(index)
         img = self.image(index)
         return (self.transform(img) if self.transform is not None else img), self.label(index)
+
+
+# --- generated segmentation data ------------------------------------------------------------------
+#: classes of the generated segmentation data, after ADE20K's label reduction (index = training label):
+#: a smooth background and textures whose orientation or layout, not colour, tells them apart
+SEGMENTATION_CLASS_NAMES = (
+    "background", "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "antidiagonal_stripes",
+    "checkerboard", "dots",
+)
+
+
+def _texture(name: str, size: int, period: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean ``size`` x ``size`` pattern of texture ``name`` (see :data:`SEGMENTATION_CLASS_NAMES`)."""
+    y, x = np.mgrid[0:size, 0:size]
+    y, x = y + int(rng.integers(0, period)), x + int(rng.integers(0, period))
+    half = period / 2
+    if name == "horizontal_stripes":
+        return (y // half) % 2 == 0
+    if name == "vertical_stripes":
+        return (x // half) % 2 == 0
+    if name == "diagonal_stripes":
+        return ((x + y) // period) % 2 == 0
+    if name == "antidiagonal_stripes":
+        return ((x - y + size) // period) % 2 == 0
+    if name == "checkerboard":
+        return ((x // half) + (y // half)) % 2 == 0
+    if name == "dots":
+        dy, dx = y % period - half, x % period - half
+        return dy * dy + dx * dx <= (0.3 * period) ** 2
+    raise ValueError(f"unknown texture {name!r}")
+
+
+def _region(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A large random disc, ellipse, rectangle or triangle as a boolean mask."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    rx, ry = rng.uniform(0.2, 0.4, size=2) * size
+    cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    elif kind == 1:
+        draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    else:
+        draw.polygon([(cx, cy - ry), (cx - rx, cy + ry), (cx + rx, cy + ry)], fill=1)
+    return np.asarray(mask, dtype=bool)
+
+
+def draw_segmentation_sample(size: int, num_classes: int, rng: np.random.Generator, top: int | None = None
+                             ) -> tuple[Image.Image, np.ndarray]:
+    """One generated scene and its label map in the ADE20K convention (uint8).
+
+    1 to 3 regions (disc, ellipse, rectangle or triangle, large), each filled with a different
+    texture class in two random colours, on a noisy gradient background. Label values: 1 =
+    background, ``1 + k`` = texture class ``k`` (1 <= k < ``num_classes``), and 0 (not evaluated, as
+    ADE20K's "other") on a one-pixel band on either side of every region boundary. After
+    ``reduce_zero_label`` the labels are the indices of :data:`SEGMENTATION_CLASS_NAMES`.
+
+    Args:
+        size: side of the image.
+        num_classes: classes including the background (2 .. len(SEGMENTATION_CLASS_NAMES)).
+        rng: the sample's generator.
+        top: texture class (1-based) of the top region; random when ``None``.
+    """
+    bg0, bg1 = np.array(_colour(rng)), np.array(_colour(rng))
+    ramp = np.linspace(0.0, 1.0, size)[:, None, None]
+    if rng.random() < 0.5:
+        ramp = ramp.transpose(1, 0, 2)
+    image = np.broadcast_to(bg0 * (1 - ramp) + bg1 * ramp, (size, size, 3)).copy()
+    label = np.ones((size, size), np.uint8)
+    textures = np.arange(1, num_classes)
+    count = min(int(rng.integers(1, 4)), len(textures))
+    chosen = [int(k) for k in rng.choice(textures, size=count, replace=False)]
+    if top is not None:  # drawn last, so it is on top and always visible
+        chosen = [k for k in chosen if k != top][: count - 1] + [top]
+    for k in chosen:
+        mask = _region(size, rng)
+        a = np.array(_colour(rng))
+        b = np.array(_colour(rng))
+        while np.abs(a - b).sum() < 200:  # keep the pattern visible
+            b = np.array(_colour(rng))
+        period = max(4, int(round(rng.uniform(0.12, 0.19) * size)))
+        pattern = _texture(SEGMENTATION_CLASS_NAMES[k], size, period, rng)
+        image[mask] = np.where(pattern[..., None], a, b)[mask]
+        label[mask] = 1 + k
+    edge = np.zeros_like(label, dtype=bool)
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    edge[1:] |= label[1:] != label[:-1]
+    edge[:-1] |= label[1:] != label[:-1]
+    label[edge] = 0
+    image = image + rng.integers(-8, 9, size=(size, size, 3))
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), label
+
+
+class GeneratedSegmentation(Dataset):
+    """``num_samples`` generated scenes (:func:`draw_segmentation_sample`), deterministic in
+    ``(seed, index)``; returns ``(PIL image, uint8 label map)`` in the ADE20K convention. Sample
+    ``i``'s top region has texture class ``1 + i % (num_classes - 1)``, so every class occurs.
+    """
+
+    def __init__(self, num_samples: int, image_size: int = 64, num_classes: int = len(SEGMENTATION_CLASS_NAMES),
+                 seed: int = 0) -> None:
+        if not 2 <= num_classes <= len(SEGMENTATION_CLASS_NAMES):
+            raise ValueError(f"num_classes must be in [2, {len(SEGMENTATION_CLASS_NAMES)}] (background included); got {num_classes}")
+        if num_samples < 1 or image_size < 16:
+            raise ValueError(f"need num_samples >= 1 and image_size >= 16; got {num_samples}, {image_size}")
+        self.num_samples, self.image_size, self.num_classes, self.seed = num_samples, image_size, num_classes, seed
+        self.classes = list(SEGMENTATION_CLASS_NAMES[:num_classes])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        return draw_segmentation_sample(self.image_size, self.num_classes, rng, top=1 + index % (self.num_classes - 1))

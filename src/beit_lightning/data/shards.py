@@ -8,7 +8,12 @@ shards the writer puts ``index.json`` (shards, sample counts, classes, skipped f
 input always gives byte-identical shards. Files that cannot be decoded are reported and skipped,
 and listed in ``index.json``.
 
-Command line: ``beit-lightning-shards SRC OUT [--samples-per-shard N] [--max-side S] ...``.
+Segmentation samples (``--segmentation``, an ``ADEChallengeData2016``-style split) are
+``<key>.jpg`` (the original image bytes), ``<key>.seg.png`` (the label map, lossless, original
+values) and ``<key>.json``; the index lists the 150 ADE20K classes.
+
+Command line: ``beit-lightning-shards SRC OUT [--samples-per-shard N] [--max-side S] ...``;
+``beit-lightning-shards ROOT OUT --segmentation [--split training]`` for segmentation.
 """
 
 from __future__ import annotations
@@ -28,21 +33,28 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
-__all__ = ["ShardRecord", "ShardSummary", "folder_records", "generated_records", "list_images", "main", "write_shards"]
+__all__ = [
+    "ShardRecord", "ShardSummary", "folder_records", "generated_records", "generated_segmentation_records", "list_images",
+    "list_segmentation_pairs", "main", "segmentation_records", "write_shards",
+]
 
 #: PIL format -> webdataset extension; other formats are re-encoded as PNG (lossless)
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 INDEX_FILE = "index.json"
+#: webdataset key of a segmentation sample's label map
+SEG_KEY = "seg.png"
 
 
 @dataclass
 class ShardRecord:
-    """One sample ready to be written: encoded image bytes, their extension, label, metadata."""
+    """One sample ready to be written: encoded image bytes, their extension, label, metadata, and
+    for segmentation the PNG bytes of the label map (``seg``; ``label`` is then -1)."""
 
     image: bytes
     ext: str
     label: int
     meta: dict = field(default_factory=dict)
+    seg: bytes | None = None
 
 
 @dataclass
@@ -181,6 +193,125 @@ def generated_records(num_samples: int, image_size: int = 64, num_classes: int =
         yield ShardRecord(out.getvalue(), "jpg", label, {"index": index, "class": images.classes[label]})
 
 
+def list_segmentation_pairs(root: str, split: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(image, label map)`` paths of an ``ADEChallengeData2016``-style split
+    (``root/images/<split>/*.jpg`` and ``root/annotations/<split>/*.png``), matched by file stem and
+    sorted; also the images without a label map.
+
+    Raises:
+        FileNotFoundError: naming the folder when the images or the annotations folder is missing.
+        ValueError: when no image has a label map.
+    """
+    image_dir, label_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+    for folder in (image_dir, label_dir):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"no folder {folder!r}: expected the ADEChallengeData2016 layout, <root>/images/{split}/*.jpg and "
+                f"<root>/annotations/{split}/*.png (set the data root to the ADEChallengeData2016 folder)"
+            )
+    labels = {os.path.splitext(n)[0]: os.path.join(label_dir, n) for n in os.listdir(label_dir) if n.lower().endswith(".png")}
+    pairs, unlabelled = [], []
+    for name in sorted(os.listdir(image_dir)):
+        if not name.lower().endswith(IMG_EXTENSIONS):
+            continue
+        label = labels.get(os.path.splitext(name)[0])
+        if label is None:
+            unlabelled.append(os.path.join(image_dir, name))
+        else:
+            pairs.append((os.path.join(image_dir, name), label))
+    if not pairs:
+        raise ValueError(f"no image of {image_dir!r} has a label map (same file name, .png) in {label_dir!r}")
+    return pairs, unlabelled
+
+
+def _encode_label(path: str) -> tuple[bytes, dict]:
+    """A label map's PNG bytes (the file's own when it is a PNG of one channel, else re-encoded
+    losslessly), after checking that it decodes to one channel."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as label:
+        label.load()
+        if label.mode not in ("L", "P", "I", "I;16", "1"):
+            raise ValueError(f"a label map must have one channel; got PIL mode {label.mode}")
+        if label.format != "PNG":
+            out = io.BytesIO()
+            label.save(out, format="PNG")
+            data = out.getvalue()
+        return data, {"width": label.size[0], "height": label.size[1]}
+
+
+def _encode_pair_job(job: tuple[str, str, str, int]) -> tuple[str, str, bytes | None, str, bytes | None, dict]:
+    image_path, label_path, rel, quality = job
+    current = image_path
+    try:
+        data, ext, meta = _encode(image_path, None, quality)
+        current = label_path
+        seg, label_meta = _encode_label(label_path)
+        if (label_meta["width"], label_meta["height"]) != (meta["width"], meta["height"]):
+            raise ValueError(f"label map {label_meta['width']}x{label_meta['height']} differs from the image's "
+                             f"{meta['width']}x{meta['height']}")
+        return image_path, rel, data, ext, seg, meta
+    except Exception as err:  # noqa: BLE001 - any unreadable pair is reported and skipped
+        return current, rel, None, "", None, {"error": f"{type(err).__name__}: {err}"}
+
+
+def segmentation_records(
+    root: str,
+    split: str = "training",
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    skipped: list[dict] | None = None,
+    progress: bool = True,
+) -> tuple[Iterator[ShardRecord], int]:
+    """Records (image bytes as they are + label-map PNG) of an ``ADEChallengeData2016``-style split
+    (see :func:`list_segmentation_pairs`) in a seeded shuffled order.
+
+    Returns ``(records, number_of_pairs)``; unreadable pairs (image or label map) and images
+    without a label map are appended to ``skipped`` and reported on stderr.
+    """
+    pairs, unlabelled = list_segmentation_pairs(root, split)
+    for path in unlabelled:
+        print(f"skipped image without a label map: {path}", file=sys.stderr)
+        if skipped is not None:
+            skipped.append({"path": os.path.relpath(path, root), "error": "no label map"})
+    random.Random(seed).shuffle(pairs)
+    jobs = [(image, label, os.path.relpath(image, root), 95) for image, label in pairs]
+
+    def generate() -> Iterator[ShardRecord]:
+        pool = Pool(workers) if workers > 1 else None
+        try:
+            results = pool.imap(_encode_pair_job, jobs, chunksize=16) if pool else map(_encode_pair_job, jobs)
+            for path, rel, data, ext, seg, meta in tqdm(results, total=len(jobs), disable=not progress, desc="pairs", unit="img"):
+                if data is None:
+                    print(f"skipped unreadable file {path}: {meta['error']}", file=sys.stderr)
+                    if skipped is not None:
+                        skipped.append({"path": os.path.relpath(path, root), "error": meta["error"]})
+                    continue
+                yield ShardRecord(data, ext, -1, {"path": rel, **meta}, seg=seg)
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+
+    return generate(), len(jobs)
+
+
+def generated_segmentation_records(
+    num_samples: int, image_size: int = 64, num_classes: int = 7, seed: int = 0, quality: int = 95
+) -> Iterator[ShardRecord]:
+    """The generated segmentation data (:class:`GeneratedSegmentation`) as JPEG + label-PNG records."""
+    from .generated import GeneratedSegmentation
+
+    scenes = GeneratedSegmentation(num_samples, image_size, num_classes, seed=seed)
+    for index in range(num_samples):
+        img, label = scenes[index]
+        out, seg = io.BytesIO(), io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
+        Image.fromarray(label).save(seg, format="PNG")
+        yield ShardRecord(out.getvalue(), "jpg", -1, {"index": index}, seg=seg.getvalue())
+
+
 def write_shards(
     records: Iterable[ShardRecord],
     out_dir: str,
@@ -213,6 +344,8 @@ def write_shards(
             sample = {"__key__": f"{total:09d}", record.ext: record.image}
             if record.label >= 0:
                 sample["cls"] = str(record.label).encode()
+            if record.seg is not None:
+                sample[SEG_KEY] = record.seg
             if metadata:
                 sample["json"] = json.dumps(record.meta, sort_keys=True).encode()
             sink.write(sample)
@@ -239,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Write an image folder (class sub-folders, e.g. ImageNet's train/<wnid>/*.JPEG, or an unlabeled "
         "tree) as webdataset shards with .jpg/.png + .cls (+ .json) samples, an index.json and classes.txt.",
     )
-    parser.add_argument("src", help="image folder")
+    parser.add_argument("src", help="image folder (with --segmentation: the ADEChallengeData2016 folder)")
     parser.add_argument("out", help="output folder for the shards")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--max-bytes", type=float, default=None, help="start a new shard once a shard reaches this size")
@@ -251,13 +384,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-metadata", action="store_true", help="do not write .json metadata")
     parser.add_argument("--unlabeled", action="store_true", help="ignore sub-folders as classes: write no .cls")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--segmentation", action="store_true",
+                        help="write the image + label-map pairs of an ADEChallengeData2016-style split (SRC/images/SPLIT/*.jpg, "
+                        "SRC/annotations/SPLIT/*.png) as .jpg + .seg.png samples; images keep their bytes")
+    parser.add_argument("--split", default="training", help="with --segmentation: the split (training, validation)")
     args = parser.parse_args(argv)
 
     skipped: list[dict] = []
-    records, count, classes = folder_records(
-        args.src, labelled=False if args.unlabeled else None, seed=args.seed, max_side=args.max_side, quality=args.quality, workers=args.workers,
-        skipped=skipped, progress=not args.quiet,
-    )
+    if args.segmentation:
+        if args.max_side is not None or args.unlabeled:
+            parser.error("--max-side and --unlabeled do not apply to --segmentation")
+        from .segmentation import ADE20K_CLASSES
+
+        records, count = segmentation_records(args.src, args.split, seed=args.seed, workers=args.workers, skipped=skipped,
+                                              progress=not args.quiet)
+        classes = list(ADE20K_CLASSES)
+    else:
+        records, count, classes = folder_records(
+            args.src, labelled=False if args.unlabeled else None, seed=args.seed, max_side=args.max_side, quality=args.quality,
+            workers=args.workers, skipped=skipped, progress=not args.quiet,
+        )
     summary = write_shards(
         records, args.out, classes=classes, samples_per_shard=args.samples_per_shard, max_bytes=args.max_bytes,
         prefix=args.prefix, metadata=not args.no_metadata, skipped=skipped,

@@ -26,7 +26,7 @@ state is neither used nor disturbed.
 Resuming mid-epoch: ``set_epoch(epoch, skip_batches=n)`` makes every slot pass over the samples
 of the ``n`` batches its rank already consumed (read, not decoded) and continue from there, with
 the same order and augmentation as an uninterrupted run. (A corrupt sample inside the skipped
-part shifts the alignment by one sample.) :class:`EpochLoader` takes ``n`` from the trainer.
+part shifts the alignment by ``repeats`` samples.) :class:`EpochLoader` takes ``n`` from the trainer.
 """
 
 from __future__ import annotations
@@ -137,6 +137,15 @@ class PrivateRandomness:
         torch.set_rng_state(self._saved[2])
 
 
+def private_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a ``DataLoader`` (its worker base seed, its shuffling), so that creating an
+    iterator does not draw from torch's global generator. Why: Lightning creates loader iterators
+    at different moments in a resumed run (sanity check, the resumed epoch) than in an
+    uninterrupted one; a draw from the global generator there would shift every later dropout
+    mask of the model, and the resumed run would not continue bit for bit."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 def _stream_seed(*parts: int | str) -> int:
     return random.Random("/".join(str(p) for p in parts)).getrandbits(62)
 
@@ -161,6 +170,11 @@ class ShardStream(IterableDataset):
             other in the stream (so they fall in the same global batch, as DeiT's ``RASampler``
             puts them on different GPUs in the same step). The epoch keeps ``samples_per_epoch``
             samples, so it reads 1/``repeats`` of the distinct images.
+
+    Other kinds of samples go through the same epoch, slot, seeding and resume logic by
+    overriding :meth:`_decode` (raw webdataset sample -> decoded content, or ``None`` to skip) and
+    :meth:`_make_sample` (decoded content -> batch dict, e.g. image and label map through one
+    transform); see :class:`~beit_lightning.data.segmentation.SegmentationShardStream`.
     """
 
     def __init__(
@@ -255,21 +269,30 @@ class ShardStream(IterableDataset):
         return True
 
     def _decode(self, sample: dict) -> tuple[Image.Image, int] | None:
+        """The raw sample's decoded content (image, class index), or ``None`` when it cannot be
+        decoded (then skipped: see :meth:`_skip`). Subclasses decode other sample kinds."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
-        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
         if key is None:
-            reason = f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}"
-        else:
-            try:
-                with Image.open(io.BytesIO(sample[key])) as img:
-                    img = img.convert("RGB")
-                label = int(sample["cls"]) if "cls" in sample else -1
-                return img, label
-            except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
-                reason = f"{type(err).__name__}: {err}"
+            return self._skip(sample, f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
+        try:
+            with Image.open(io.BytesIO(sample[key])) as img:
+                img = img.convert("RGB")
+            label = int(sample["cls"]) if "cls" in sample else -1
+            return img, label
+        except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
+            return self._skip(sample, f"{type(err).__name__}: {err}")
+
+    def _skip(self, sample: dict, reason: str) -> None:
+        """Count an undecodable sample and warn with its key, shard and ``reason``."""
         self.skipped.add()
-        warnings.warn(f"skipping undecodable sample {where}: {reason}", stacklevel=2)
-        return None
+        warnings.warn(f"skipping undecodable sample {sample.get('__key__')} in {sample.get('__url__')}: {reason}", stacklevel=3)
+
+    def _make_sample(self, decoded: Any) -> dict[str, torch.Tensor]:
+        """The batch-format dict of one decoded sample (called under the sample's random state)."""
+        img, label = decoded
+        out = self.sample_transform(img)
+        out["label"] = torch.tensor(label, dtype=torch.long)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -302,18 +325,16 @@ class ShardStream(IterableDataset):
                         raise RuntimeError(f"{failures} samples in a row could not be read from {self.urls[:3]}: check the shards")
                     continue
                 failures = 0
-                img, label = decoded
                 for _ in range(first_copy, self.repeats):
                     if produced >= wanted:
                         return
                     sample_seed = _stream_seed(self.seed, epoch, slot, produced)
                     if info is not None:  # a worker process: its global generators are the pipeline's own
                         seed_globals(sample_seed)
-                        out = self.sample_transform(img)
+                        out = self._make_sample(decoded)
                     else:
                         with PrivateRandomness(sample_seed):
-                            out = self.sample_transform(img)
-                    out["label"] = torch.tensor(label, dtype=torch.long)
+                            out = self._make_sample(decoded)
                     produced += 1
                     yield out
             if produced >= wanted:
@@ -339,14 +360,17 @@ class EpochLoader(DataLoader):
     step 0. (Asked at ``iter()``, a mid-epoch resume replayed epoch 0's first batches.)
 
     The loader also implements ``state_dict``/``load_state_dict`` (Lightning's stateful-loader
-    protocol): the position is saved in checkpoints, and a position loaded from one wins over
-    ``position_fn`` for the next iteration.
+    protocol), which marks it resumable and records the position in checkpoints. Lightning only
+    loads such a state while it sets up the data, which in a run that estimates its steps (every
+    task here) happens before the checkpoint is restored, so in practice the resumed position
+    comes from ``position_fn`` (the restored loop counters); a state loaded explicitly wins.
     """
 
     def __init__(
         self, dataset: ShardStream, *args: Any, position_fn: Callable[[], tuple[int, int] | None] | None = None,
         **kwargs: Any,
     ):
+        kwargs.setdefault("generator", private_generator(getattr(dataset, "seed", 0)))
         super().__init__(dataset, *args, **kwargs)
         self._position_fn = position_fn
         self._iterations = 0

@@ -3,6 +3,8 @@
 from .classification import ImageClassification
 from .linear_probe import LinearProbe
 from .pretraining import MaskedImageModeling, NonFiniteLossError
+from .segmentation import SemanticSegmentation
 from .tokenizer import TokenizerTraining
 
-__all__ = ["ImageClassification", "LinearProbe", "MaskedImageModeling", "NonFiniteLossError", "TokenizerTraining"]
+__all__ = ["ImageClassification", "LinearProbe", "MaskedImageModeling", "NonFiniteLossError", "SemanticSegmentation",
+           "TokenizerTraining"]

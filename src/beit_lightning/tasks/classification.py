@@ -1,12 +1,14 @@
 """Fine-tuning for image classification with BEiT's recipe, and the from-scratch baseline.
 
-The network is a timm model (a ``Beit``: mean pooling of patch tokens, ``fc_norm``, per-block
-relative position bias initialised from the shared pre-trained one by ``load_checkpoint``).
-What the recipe adds here: layer-wise learning-rate decay, a per-step warmup + cosine schedule,
-no weight decay for biases, norms, tokens and position tables, mixup/cutmix with label
-smoothing (timm's ``Mixup`` and soft-target cross-entropy), and an optional EMA of the weights
-(timm's ``ModelEmaV3``), evaluated beside the model. RandAugment and random erasing come with
-the data (``data.mode=finetune``).
+The network is any timm classifier (for BEiT a ``Beit``: mean pooling of patch tokens,
+``fc_norm``, per-block relative position bias initialised from the shared pre-trained one by
+``load_checkpoint``; for the DeiT baseline a ``VisionTransformer``). What the recipe adds here:
+layer-wise learning-rate decay, a warmup + cosine schedule stepped per optimiser step (BEiT) or
+per epoch (DeiT), the official weight-decay groups (:func:`~beit_lightning.optim.official_no_weight_decay`:
+for BEiT only biases, norms, ``pos_embed`` and ``cls_token`` are exempt, so the relative position
+tables are decayed), mixup/cutmix with label smoothing (timm's ``Mixup`` and soft-target
+cross-entropy), and an optional EMA of the weights (timm's ``ModelEmaV3``), evaluated beside the
+model. RandAugment and random erasing come with the data (``data.mode=finetune``).
 """
 
 from __future__ import annotations

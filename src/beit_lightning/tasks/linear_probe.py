@@ -82,17 +82,23 @@ class LinearProbe(pl.LightningModule):
         )
         return [torch.cat([prefix[:, 0], patches.mean(1)], dim=-1).float() for patches, prefix in outs]
 
+    def logits(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each head on its block's features, in float32 outside any autocast: the official script
+        autocasts only the frozen encoder (``run_linear_eval.py``), not the linear heads."""
+        with torch.autocast(device_type=feats[0].device.type, enabled=False):
+            return [head(f.float()) for head, f in zip(self.heads, feats, strict=True)]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         feats = self.features(batch["image"])
-        losses = [F.cross_entropy(head(f), batch["label"]) for head, f in zip(self.heads, feats, strict=True)]
+        losses = [F.cross_entropy(out, batch["label"]) for out in self.logits(feats)]
         loss = torch.stack(losses).sum()
         self.log("train/loss", loss / len(losses), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         feats = self.features(batch["image"])
-        for head, f, acc in zip(self.heads, feats, self.accuracies, strict=True):
-            acc.update(head(f), batch["label"])
+        for out, acc in zip(self.logits(feats), self.accuracies, strict=True):
+            acc.update(out, batch["label"])
 
     def on_validation_epoch_end(self) -> None:
         values = [acc.compute() for acc in self.accuracies]  # synced across ranks by torchmetrics

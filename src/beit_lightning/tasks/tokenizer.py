@@ -24,7 +24,7 @@ from torchvision.utils import make_grid, save_image
 from ..models.tokenizers.checkpoint import save_tokenizer
 from ..models.tokenizers.dvae import DiscreteVAE
 from ..models.tokenizers.vqkd import VQKD, teacher_output_dim, teacher_patch_features
-from ..optim import configure_adamw_cosine, effective_batch_size, param_groups, schedule_steps
+from ..optim import configure_adamw_cosine, param_groups, schedule_steps
 
 __all__ = ["TokenizerTraining", "codebook_usage"]
 
@@ -207,13 +207,9 @@ class TokenizerTraining(pl.LightningModule):
         hp = self.hparams
         total, warmup = schedule_steps(self.trainer, hp.warmup_epochs, hp.warmup_steps)
         warmup = min(warmup, total // 2)
-        min_lr = hp.min_lr
-        batch = effective_batch_size(self.trainer)
-        if hp.lr_base_batch is not None and batch:
-            # configure_adamw_cosine scales lr and min_lr by batch / lr_base_batch; the official
-            # run_vqkd_training.py scales only lr, so min_lr is handed over pre-divided to end at hp.min_lr
-            min_lr = hp.min_lr * hp.lr_base_batch / batch
         groups = param_groups(self.tokenizer, hp.weight_decay)
+        # the official run_vqkd_training.py scales only lr by the batch, not min_lr
         return configure_adamw_cosine(
-            self.trainer, groups, hp.lr, min_lr, hp.betas, warmup_steps=warmup, lr_base_batch=hp.lr_base_batch
+            self.trainer, groups, hp.lr, hp.min_lr, hp.betas, warmup_steps=warmup, lr_base_batch=hp.lr_base_batch,
+            scale_min_lr=False,
         )
