@@ -1,140 +1,138 @@
-"""Samples per second of one data-loader worker process for BEiT pre-training data: read, decode JPEG,
-two views (224px bicubic + 112px lanczos from one random-resized crop, color jitter, flip),
-blockwise mask. Our webdataset shards (``ShardStream``) against a ``torchvision.datasets.ImageFolder``
-of the same JPEG files with the same transform, in one run, plus the cost of each step.
+"""Samples per second per CPU core of BEiT pre-training data: read, decode JPEG, two views (224px
+bicubic + 112px lanczos from one shared random-resized crop, colour jitter 0.4, flip), blockwise
+mask. One process, no DataLoader workers, one torch thread; the three paths alternate every
+``--chunk`` images over the same files, so that a busy machine slows them alike; each epoch's
+time per path is the sum of its chunks, and the median epoch is reported.
 
-Images are generated at ImageNet-like size (500x375, JPEG quality 90, ~100 kB with noise).
+(a) official: ``torchvision.datasets.ImageFolder`` (PIL decode + ``convert("RGB")``) and an
+    equivalent of unilm's ``DataAugmentationForBEiT`` (``ColorJitter(0.4, 0.4, 0.4)``,
+    ``RandomHorizontalFlip``, ``RandomResizedCropAndInterpolationWithTwoPic``, ``ToTensor`` +
+    ``Normalize``) and the mask generator;
+(b) ours, exact: our decode (``Image.open(...).convert("RGB")``) + ``BeitPretrainTransform``;
+(c) ours, fast: ``BeitPretrainTransform(fast_decode=True)`` given the undecoded ``Image.open``.
 
-    python benchmarks/data_throughput.py --n 600
+Without ``--folder``, ImageNet-size JPEGs are generated (500x375 and 468x401, gradients + shapes
++ noise, quality 90) in a temporary folder.
+
+    python benchmarks/data_throughput.py --n 300 --repeats 5
+    python benchmarks/data_throughput.py --folder /data/imagenet/train --n 1000
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
+import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import functional as TF
 
-from beit_lightning.data import BeitPretrainTransform, BlockwiseMaskGenerator, ShardStream
+from beit_lightning.data import BeitPretrainTransform, BlockwiseMaskGenerator
 from beit_lightning.data.generated import CLASS_NAMES, draw_shape_image
-from beit_lightning.data.shards import folder_records, write_shards
+
+SIZES = ((500, 375), (468, 401))
 
 
 def make_jpeg_tree(root: str, n: int, seed: int = 0) -> None:
+    """``n`` ImageNet-size JPEGs (quality 90) in class folders under ``root``."""
     rng = np.random.default_rng(seed)
     for i in range(n):
         label = i % len(CLASS_NAMES)
-        img = draw_shape_image(label, 448, rng).resize((500, 375), Image.BICUBIC)
-        noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (375, 500, 3)), 0, 255).astype(np.uint8)
+        w, h = SIZES[i % len(SIZES)]
+        img = draw_shape_image(label, 448, rng).resize((w, h), Image.BICUBIC)
+        noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
         folder = os.path.join(root, CLASS_NAMES[label])
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(noisy).save(os.path.join(folder, f"{i:06d}.JPEG"), quality=90)
 
 
-class FolderSamples(Dataset):
-    """ImageFolder samples through the same transform, as batch dicts."""
+class OfficialBeitAugmentation:
+    """unilm ``beit/datasets.py::DataAugmentationForBEiT`` (DALL-E tokenizer, no extra normalisation
+    of the tokenizer view: ``map_pixels`` happens in the model step), written with torchvision."""
 
-    def __init__(self, images: ImageFolder, transform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, mask: BlockwiseMaskGenerator) -> None:
+        self.common = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip(p=0.5)])
+        self.normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        self.to_tensor = T.ToTensor()
+        self.mask = mask
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        img, label = self.images[index]
-        sample = self.transform(img)
-        sample["label"] = torch.tensor(label)
-        return sample
-
-
-def rate(n: int, seconds: float) -> str:
-    return f"{n / seconds:7.1f} samples/s ({1e3 * seconds / n:6.2f} ms/sample)"
+    def __call__(self, img: Image.Image):
+        img = self.common(img)
+        i, j, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        patches = TF.resized_crop(img, i, j, h, w, [224, 224], T.InterpolationMode.BICUBIC)
+        tokens = TF.resized_crop(img, i, j, h, w, [112, 112], T.InterpolationMode.LANCZOS)
+        return self.normalize(patches), self.to_tensor(tokens), self.mask()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=600)
-    parser.add_argument("--samples-per-shard", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed epochs per loader (best is reported)")
+    parser.add_argument("--folder", help="an ImageFolder tree of real JPEGs (default: generated ones)")
+    parser.add_argument("--n", type=int, default=300, help="images (generated, or the first n of --folder)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per path (median reported)")
+    parser.add_argument("--chunk", type=int, default=10, help="images per turn when the paths alternate")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     mask = BlockwiseMaskGenerator(14, 75, min_num_patches=16)
-    transform = BeitPretrainTransform(224, 112, mask)
+    exact = BeitPretrainTransform(224, 112, mask)
+    fast = BeitPretrainTransform(224, 112, mask, fast_decode=True)
+    official = OfficialBeitAugmentation(mask)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tree, shards = os.path.join(tmp, "train"), os.path.join(tmp, "shards")
-        make_jpeg_tree(tree, args.n)
-        records, _, classes = folder_records(tree, progress=False)
-        write_shards(records, shards, classes=classes, samples_per_shard=args.samples_per_shard, metadata=False)
-        sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tree) for f in fs]
-        print(f"{args.n} JPEGs of 500x375, mean {np.mean(sizes) / 1e3:.0f} kB; one DataLoader worker process, "
-              f"batch {args.batch_size}, best of {args.repeats} epochs")
+        root = args.folder
+        if root is None:
+            root = os.path.join(tmp, "train")
+            make_jpeg_tree(root, args.n)
+        folder = ImageFolder(root)
+        paths = [p for p, _ in folder.samples[: args.n]]
+        n = len(paths)
+        sizes = [Image.open(p).size for p in paths]
+        kb = np.mean([os.path.getsize(p) for p in paths]) / 1e3
+        print(f"{n} JPEGs ({'generated' if args.folder is None else root}), mean {np.mean([s[0] for s in sizes]):.0f}x"
+              f"{np.mean([s[1] for s in sizes]):.0f} px, {kb:.0f} kB; one process, one thread, median of {args.repeats} "
+              f"epochs, paths alternating every {args.chunk} images")
 
-        urls = sorted(os.path.join(shards, f) for f in os.listdir(shards) if f.endswith(".tar"))
-        stream = ShardStream(urls, transform, samples_per_epoch=args.n, batch_size=args.batch_size, num_workers=1,
-                             shuffle_buffer=200)
-        folder = FolderSamples(ImageFolder(tree), transform)
-        loaders = {
-            "webdataset shards (ours)": DataLoader(stream, batch_size=args.batch_size, num_workers=1),
-            "torchvision ImageFolder": DataLoader(folder, batch_size=args.batch_size, num_workers=1, shuffle=True),
-        }
+        def run_official(chunk: list[str]) -> None:
+            for p in chunk:
+                official(folder.loader(p))  # torchvision's pil_loader: open + convert("RGB")
 
-        def epoch(loader) -> tuple[int, float]:
-            start = time.perf_counter()
-            count = sum(len(batch["label"]) for batch in loader)
-            return count, time.perf_counter() - start
+        def run_exact(chunk: list[str]) -> None:
+            for p in chunk:
+                with Image.open(p) as img:
+                    exact(img.convert("RGB"))
 
-        for loader in loaders.values():  # warm the page cache and the worker start-up paths
-            epoch(loader)
-        timings = {name: [] for name in loaders}
+        def run_fast(chunk: list[str]) -> None:
+            for p in chunk:
+                with Image.open(p) as img:
+                    fast(img)
+
+        runs = {"(a) official: ImageFolder + DataAugmentationForBEiT": run_official,
+                "(b) ours, exact path": run_exact,
+                "(c) ours, fast_decode=True": run_fast}
+        for run in runs.values():  # warm the page cache
+            run(paths)
+        chunks = [paths[i : i + args.chunk] for i in range(0, n, args.chunk)]
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
-            for name, loader in loaders.items():
-                timings[name].append(epoch(loader))
-        best = {name: min(t, key=lambda x: x[1]) for name, t in timings.items()}
-        for name, (count, seconds) in best.items():
-            print(f"{name:27s}: {rate(count, seconds)}")
-        t_shards, t_folder = best["webdataset shards (ours)"][1], best["torchvision ImageFolder"][1]
-        print(f"ratio (ImageFolder time / shards time): {t_folder / t_shards:.2f}x")
-
-        # where the time goes, on the same files
-        paths = [p for p, _ in folder.images.samples]
-        start = time.perf_counter()
-        blobs = [Path(p).read_bytes() for p in paths]
-        t_read = time.perf_counter() - start
-        start = time.perf_counter()
-        images = []
-        for b in blobs:
-            with Image.open(io.BytesIO(b)) as img:
-                images.append(img.convert("RGB"))
-        t_decode = time.perf_counter() - start
-        views = BeitPretrainTransform(224, 112, None)
-        start = time.perf_counter()
-        for img in images:
-            views(img)
-        t_views = time.perf_counter() - start
-        jitter_free = BeitPretrainTransform(224, 112, None, color_jitter=0.0)
-        start = time.perf_counter()
-        for img in images:
-            jitter_free(img)
-        t_no_jitter = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in images:
-            mask()
-        t_mask = time.perf_counter() - start
-        n = len(images)
-        total = t_read + t_decode + t_views + t_mask
-        print("per step (ms/sample, share of the sum):")
-        for name, t in (("read file", t_read), ("decode JPEG", t_decode), ("two views", t_views), ("blockwise mask", t_mask)):
-            print(f"  {name:15s} {1e3 * t / n:6.2f}  {100 * t / total:5.1f}%")
-        print(f"  (of the two views, color jitter is {1e3 * (t_views - t_no_jitter) / n:.2f} ms)")
+            epoch = dict.fromkeys(runs, 0.0)
+            for chunk in chunks:
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run(chunk)
+                    epoch[name] += time.perf_counter() - start
+            for name, t in epoch.items():
+                times[name].append(t)
+        base = statistics.median(times["(a) official: ImageFolder + DataAugmentationForBEiT"])
+        for name, t in times.items():
+            med = statistics.median(t)
+            ratios = sorted(b / x for b, x in zip(times["(a) official: ImageFolder + DataAugmentationForBEiT"], t, strict=True))
+            print(f"{name:52s} {n / med:7.1f} samples/s ({1e3 * med / n:5.2f} ms)  {base / med:4.2f}x official "
+                  f"(per-epoch ratios {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

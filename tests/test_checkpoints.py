@@ -95,3 +95,15 @@ def test_newest_checkpoint_refuses_to_start_afresh_when_no_checkpoint_reads(tmp_
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"truncated")
     with pytest.raises(RuntimeError, match="cannot resume.*last.ckpt"):
         newest_checkpoint(tmp_path)
+
+
+def test_a_fine_tuning_checkpoint_with_an_ema_copy_loads_strictly():
+    """A run with task.ema_decay stores model_ema.module.* beside model.*: the weights load, the EMA copy
+    is not reported as unused (init_checkpoint from such a run used to fail)."""
+    source = timm.create_model("beit_lightning_micro_patch8_32", num_classes=5)
+    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    state.update({f"model_ema.module.{k}": v + 1 for k, v in source.state_dict().items()})
+    target = timm.create_model("beit_lightning_micro_patch8_32", num_classes=5)
+    result = load_checkpoint(target, {"state_dict": state, "global_step": 3})
+    assert not result.unexpected and not result.missing
+    torch.testing.assert_close(target.head.weight, source.head.weight)  # the model, not its EMA

@@ -16,7 +16,7 @@ from conftest import last_logged
 CONF = Path(__file__).parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # values an experiment may leave to the user (paths to data and weights)
-REQUIRED_BY_USER = {"tokenizer.path", "data.root", "data.train_urls"}
+REQUIRED_BY_USER = {"tokenizer.path", "data.root", "data.train_urls", "task.teacher.checkpoint"}
 
 
 def _compose(overrides):

@@ -9,20 +9,24 @@ from conftest import TESTS
 STAND_IN = str(TESTS / "openai_dall_e")
 
 
-def _save_openai_encoder(path, **kwargs):
-    """Save a random-weight encoder the way OpenAI's encoder.pkl was saved (torch.save of the module),
-    with our stand-in of the dall_e package; return the encoder (the reference)."""
+def _save_openai(path, kind="encoder", **kwargs):
+    """Save a random-weight encoder (or decoder) the way OpenAI's encoder.pkl was saved (torch.save of
+    the module), with our stand-in of the dall_e package; return the module (the reference)."""
     sys.path.insert(0, STAND_IN)
     try:
-        from dall_e.encoder import Encoder
+        import importlib
 
-        encoder = Encoder(**kwargs)
-        torch.save(encoder, path)
+        module = getattr(importlib.import_module(f"dall_e.{kind}"), kind.capitalize())(**kwargs)
+        torch.save(module, path)
     finally:
         sys.path.remove(STAND_IN)
         for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
             del sys.modules[name]
-    return encoder
+    return module
+
+
+def _save_openai_encoder(path, **kwargs):
+    return _save_openai(path, "encoder", **kwargs)
 
 
 def test_openai_encoder_round_trip_gives_the_reference_tokens(tmp_path):
@@ -95,3 +99,29 @@ def test_encode_ignores_autocast_and_checks_size():
     # a seeded untrained tokenizer is reproducible
     again = DallETokenizer(n_hid=16, n_blk_per_group=1, vocab_size=64, image_size=32, seed=0)
     assert torch.equal(again.encode(images), expected)
+
+
+def _save_openai_decoder(path, **kwargs):
+    return _save_openai(path, "decoder", **kwargs)
+
+
+def test_openai_decoder_decodes_tokens_as_openai_does(tmp_path):
+    """decoder.pkl (for pictures decoded from tokens): loaded without the dall_e package, and
+    decode(tokens) = unmap_pixels(sigmoid(decoder(one_hot(tokens))[:, :3])), OpenAI's usage."""
+    _save_openai_encoder(tmp_path / "encoder.pkl", n_hid=32, n_blk_per_group=1, vocab_size=64)
+    reference = _save_openai_decoder(tmp_path / "decoder.pkl", n_init=16, n_hid=8, n_blk_per_group=1, vocab_size=64)
+    assert not DallETokenizer.from_openai(tmp_path / "encoder.pkl", image_size=32).can_decode
+    tokenizer = DallETokenizer.from_openai(tmp_path / "encoder.pkl", image_size=32, decoder_path=tmp_path / "decoder.pkl")
+    assert tokenizer.can_decode and "dall_e" not in sys.modules
+    tokens = torch.randint(0, 64, (2, 4, 4))
+    with torch.no_grad():
+        stats = reference(torch.nn.functional.one_hot(tokens, 64).permute(0, 3, 1, 2).float())
+    expected = unmap_pixels(torch.sigmoid(stats[:, :3]))
+    images = tokenizer.decode(tokens)
+    assert images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, expected)
+    with pytest.raises(ValueError, match="decoder.pkl published with encoder.pkl"):
+        _save_openai_decoder(tmp_path / "other.pkl", n_init=16, n_hid=8, n_blk_per_group=1, vocab_size=32)
+        DallETokenizer.from_openai(tmp_path / "encoder.pkl", image_size=32, decoder_path=tmp_path / "other.pkl")
+    with pytest.raises(ValueError, match="not an OpenAI DALL-E decoder.pkl.*dall_e.encoder.Encoder"):
+        DallETokenizer.from_openai(tmp_path / "encoder.pkl", image_size=32, decoder_path=tmp_path / "encoder.pkl")

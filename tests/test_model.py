@@ -126,6 +126,10 @@ def test_our_names_do_not_collide_with_timm():
     assert not set(ours) & set(timm.list_models("beit_*", exclude_filters=["beit_lightning_*"]))
 
 
-def test_non_beit_backbone_is_refused():
+def test_backbones_outside_the_vit_families_are_refused():
+    """BEiT, ViT / DeiT and XCiT are pre-trained (tests/test_backbones.py); a CNN or a ViT whose patch
+    embedding is a CNN (its receptive field would see the masked pixels) is refused."""
     with pytest.raises(ValueError, match="BEiT model name"):
-        BeitForMaskedImageModeling("vit_tiny_patch16_224")
+        BeitForMaskedImageModeling("resnet18")
+    with pytest.raises(ValueError, match="BEiT model name"):
+        BeitForMaskedImageModeling("vit_small_r26_s32_224", img_size=64)  # timm's vision_transformer_hybrid

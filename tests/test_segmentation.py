@@ -209,7 +209,7 @@ def test_evaluation_on_real_ade20k_images_scores_every_labelled_pixel_at_its_ori
 @pytest.mark.slow
 def test_smoke_segmentation_learns_well_above_a_constant_prediction(tmp_path):
     """`beit-lightning experiment=smoke_segmentation` as shipped: mIoU far above predicting the most
-    frequent class everywhere (seeds 0/1/2 reach ~0.34-0.41; the constant prediction ~0.09), with
+    frequent class everywhere (seeds 0/1/2 reached 0.46/0.40/0.41; the constant prediction ~0.09), with
     mAcc, aAcc and the mask images logged."""
     from hydra import compose, initialize_config_module
 
@@ -236,4 +236,4 @@ def test_smoke_segmentation_learns_well_above_a_constant_prediction(tmp_path):
     assert miou > max(0.2, 2 * constant), (miou, constant)
     assert last_logged(metrics, "val/aAcc") > counts.max().item() / counts.sum().item() + 0.05
     assert 0 < last_logged(metrics, "val/mAcc") <= 1
-    assert list(tmp_path.rglob("masks-step*.png")), "the predicted masks were not logged as images"
+    assert list(tmp_path.rglob("val_masks-step*.png")), "the predicted masks were not logged as images"

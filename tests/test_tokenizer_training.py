@@ -132,7 +132,7 @@ def test_demo_pipeline_train_tokenizer_then_pretrain_with_it(tmp_path):
                     "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "task.tokenizer.n_hid=16",
                     "task.tokenizer.n_init=16", "trainer.enable_progress_bar=false"]))
     assert (stage1 / "tokenizer.pt").is_file()
-    assert list((stage1 / "csv" / "images").glob("reconstructions_step*.png"))
+    assert list((stage1 / "csv" / "images").glob("val_reconstructions-step*.png"))
     header = (stage1 / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "val/perplexity" in header and "val/codes_used" in header and "val/recon_mse" in header
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint, ModelSummary
 
 
 class SkippedSamplesMonitor(pl.Callback):
@@ -91,69 +92,240 @@ class NewestCheckpoint(ModelCheckpoint):
         self._save_last_if_behind(trainer)
 
 
-def class_palette(num_classes: int, seed: int = 0) -> torch.Tensor:
-    """A fixed colour per class (``num_classes x 3`` uint8), and black for ignored pixels (the last row)."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.randint(0, 256, (num_classes, 3), generator=generator, dtype=torch.uint8)
-    return torch.cat([colours, torch.zeros(1, 3, dtype=torch.uint8)])
 
+class ValidationImages(pl.Callback):
+    """Pictures of what the task learns, every ``every_n_epochs`` validations, from the first
+    ``num_images`` validation images (the same images every time): to TensorBoard and as PNG files
+    under ``<log dir>/images/`` (:func:`~beit_lightning.visualise.log_image`).
 
-class SegmentationMaskImages(pl.Callback):
-    """Every ``every_n_epochs`` validations, log the first ``num_images`` validation images beside
-    their ground truth and predicted masks (one colour per class, ignored pixels black) as one
-    grid: to TensorBoard (``val/masks``) and as PNG files under ``<log dir>/images/`` (next to the
-    CSV logger's metrics). Rank zero only; the predictions are the task's sliding-window ones, so
-    the images show what the metrics measure. Does nothing for tasks without ``predict_logits``."""
+    * masked image modeling: per image, the image with its masked patches greyed out, the
+      tokenizer's token map of the targets (a fixed colour per code), the model's predictions at
+      the masked positions (visible positions white) with the image's token accuracy, and, when
+      the tokenizer can decode (our dVAE; the DALL-E tokenizer with OpenAI's ``decoder.pkl``,
+      ``tokenizer.decoder_path``), the images decoded from the target and from the predicted tokens; and the attention of the CLS token in the last block, per head and
+      averaged (``val/attention``), as in the BEiT paper's attention figure;
+    * classification: the confusion matrix of up to ``max_confusion_images`` validation images,
+      rows normalised (``val/confusion``);
+    * segmentation: the image, the ground truth and the predicted masks (``val/masks``), predicted
+      by the task's sliding-window inference, so they show what the metrics measure.
+    (Tokenizer training logs its reconstructions and codebook usage itself.)
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 4) -> None:
+    It runs only in validation epochs, only on rank zero, and never during the sanity check; the
+    extra forward passes are on a handful of images (the confusion matrix re-runs the classifier
+    on its images).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 4, attention: bool = True,
+                 max_confusion_images: int = 2048) -> None:
         self.every_n_epochs, self.num_images = max(1, every_n_epochs), num_images
-        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.attention, self.max_confusion_images = attention, max_confusion_images
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._confusion: torch.Tensor | None = None
+        self._confusion_seen = 0
 
-    def _active(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        return (hasattr(pl_module, "predict_logits") and trainer.is_global_zero and not trainer.sanity_checking
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return (trainer.is_global_zero and not trainer.sanity_checking
                 and trainer.current_epoch % self.every_n_epochs == 0)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._samples = []
+        self._batch, self._confusion, self._confusion_seen = None, None, 0
 
+    @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not self._active(trainer, pl_module) or len(self._samples) >= self.num_images:
-            return
-        for image, label in zip(batch["image"], batch["label"], strict=True):
-            if len(self._samples) < self.num_images:
-                self._samples.append((image.detach(), label.detach()))
+        if not self._active(trainer) or not isinstance(batch, dict) or "image" not in batch:
+            return  # (tokenizer training has only the tokenizer view; it logs its own pictures)
+        if self._batch is None or len(self._batch["image"]) < self.num_images:
+            take = {k: v[: self.num_images].detach() for k, v in batch.items() if torch.is_tensor(v)}
+            if self._batch is None:
+                self._batch = take
+            elif all(take[k].shape[1:] == self._batch[k].shape[1:] for k in take):  # images of one size
+                self._batch = {k: torch.cat([self._batch[k], take[k]])[: self.num_images] for k in take}
+        from .tasks.classification import ImageClassification
+
+        if isinstance(pl_module, ImageClassification) and self._confusion_seen < self.max_confusion_images:
+            preds = pl_module(batch["image"]).argmax(-1).cpu()
+            labels = batch["label"].cpu()
+            n = pl_module.hparams.num_classes
+            if self._confusion is None:
+                self._confusion = torch.zeros(n, n, dtype=torch.long)
+            keep = (labels >= 0) & (labels < n)
+            self._confusion += torch.bincount(labels[keep] * n + preds[keep], minlength=n * n).view(n, n)
+            self._confusion_seen += len(labels)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer, pl_module) or not self._samples:
+        if not self._active(trainer):
             return
-        import torch.nn.functional as F
-        from PIL import Image
+        from . import visualise
+        from .tasks.pretraining import MaskedImageModeling
+        from .tasks.segmentation import SemanticSegmentation
 
-        num_classes = int(pl_module.hparams.num_classes)
-        ignore = int(pl_module.hparams.get("ignore_index", 255))
-        palette = class_palette(num_classes)
-        mean = torch.tensor(getattr(trainer.datamodule, "mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
-        std = torch.tensor(getattr(trainer.datamodule, "std", (0.229, 0.224, 0.225))).view(3, 1, 1)
+        if self._confusion is not None:
+            visualise.log_image(trainer, "val/confusion", visualise.confusion_image(self._confusion))
+        if self._batch is None:
+            return
+        with torch.no_grad():
+            if isinstance(pl_module, MaskedImageModeling):
+                self._pretraining(trainer, pl_module, self._batch)
+            elif isinstance(pl_module, SemanticSegmentation):
+                self._segmentation(trainer, pl_module, self._batch)
+
+    @staticmethod
+    def _normalisation(trainer: pl.Trainer) -> tuple[tuple, tuple]:
+        data = getattr(trainer, "datamodule", None)
+        return tuple(getattr(data, "mean", (0.5, 0.5, 0.5))), tuple(getattr(data, "std", (0.5, 0.5, 0.5)))
+
+    def _pretraining(self, trainer: pl.Trainer, task, batch: dict[str, torch.Tensor]) -> None:
+        from PIL import Image, ImageDraw
+
+        from . import visualise
+
+        mean, std = self._normalisation(trainer)
+        images, mask = batch["image"], batch["mask"].bool()
+        targets = task.tokenizer.encode(batch["tokenizer_image"])  # B x h x w
+        was_training = task.model.training
+        task.model.eval()
+        try:
+            predicted = task.model(images, mask).argmax(-1)
+        finally:
+            task.model.train(was_training)
+        vocab = task.tokenizer.vocab_size
+        colours = torch.cat([visualise.token_colours(vocab), torch.full((1, 3), 255, dtype=torch.uint8)])
+        decode = getattr(task.tokenizer, "decode", None) if getattr(task.tokenizer, "can_decode", True) else None
+        rows, offset = [], 0
+        for i in range(len(images)):
+            picture = visualise.to_uint8(images[i], mean, std)
+            size = tuple(picture.shape[:2])
+            n = int(mask[i].sum())
+            pred_map = torch.full_like(targets[i], vocab)  # visible positions: white
+            pred_map[mask[i]] = predicted[offset : offset + n].to(pred_map.dtype)
+            accuracy = float((predicted[offset : offset + n] == targets[i][mask[i]]).float().mean()) if n else float("nan")
+            offset += n
+            parts = [visualise.masked_image(picture, mask[i]), visualise.colour_map(targets[i], colours, size),
+                     visualise.colour_map(pred_map, colours, size)]
+            if callable(decode):
+                full_pred = torch.where(mask[i], pred_map, targets[i])
+                decoded = decode(torch.stack([targets[i], full_pred]))
+                parts += [visualise.to_uint8(F.interpolate(d[None].float(), size=size, mode="bilinear",
+                                                           align_corners=False)[0]) for d in decoded]
+            row = Image.fromarray(visualise.hstack(parts).numpy())
+            ImageDraw.Draw(row).text((2, 1), f"acc {accuracy:.2f}", fill=(255, 255, 255))
+            rows.append(torch.from_numpy(np.asarray(row).copy()))
+        visualise.log_image(trainer, "val/tokens", visualise.vstack(rows))
+        if self.attention:
+            try:
+                maps = visualise.attention_maps(task.model.backbone, images)  # B x heads x h x w
+            except TypeError:  # a backbone without token attention (XCiT): no attention picture
+                return
+            att_rows = []
+            for i in range(len(images)):
+                picture = visualise.to_uint8(images[i], mean, std)
+                size = tuple(picture.shape[:2])
+                heads = [visualise.heatmap(m, size) for m in maps[i]]
+                att_rows.append(visualise.hstack([picture, visualise.heatmap(maps[i].mean(0), size), *heads]))
+            visualise.log_image(trainer, "val/attention", visualise.vstack(att_rows))
+
+    def _segmentation(self, trainer: pl.Trainer, task, batch: dict[str, torch.Tensor]) -> None:
+        from . import visualise
+
+        mean, std = self._normalisation(trainer)
+        num_classes, ignore = int(task.hparams.num_classes), int(task.hparams.get("ignore_index", 255))
+        palette = visualise.class_palette(num_classes)
         rows = []
-        for image, label in self._samples:
-            with torch.no_grad():
-                pred = pl_module.predict_logits(image[None], size=label.shape[-2:]).argmax(1)[0].cpu()
+        for image, label in zip(batch["image"], batch["label"], strict=True):
             label = label.cpu().long()
+            pred = task.predict_logits(image[None], size=label.shape[-2:]).argmax(1)[0].cpu()
             rgb = F.interpolate(image[None].float().cpu(), size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
-            rgb = ((rgb * std + mean).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0)
+            label = torch.where(label == ignore, num_classes, label)
+            rows.append(visualise.hstack([visualise.to_uint8(rgb, mean, std), visualise.colour_map(label, palette),
+                                          visualise.colour_map(pred, palette)]))
+        visualise.log_image(trainer, "val/masks", visualise.vstack(rows))
 
-            def colour(mask: torch.Tensor) -> torch.Tensor:
-                index = torch.where((mask == ignore) | (mask < 0) | (mask >= num_classes), num_classes, mask)
-                return palette[index]
 
-            rows.append(torch.cat([rgb, colour(label), colour(pred)], dim=1))
-        width = max(r.shape[1] for r in rows)
-        grid = torch.cat([F.pad(r.permute(2, 0, 1), (0, width - r.shape[1])).permute(1, 2, 0) for r in rows], dim=0)
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image("val/masks", grid.numpy(), step, dataformats="HWC")
-        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "images")
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(grid.numpy()).save(os.path.join(folder, f"masks-step{step:07d}.png"))
+def flops_per_image(task: pl.LightningModule, datamodule: Any) -> dict[str, int]:
+    """Forward FLOPs of one image through each network of ``task`` (``{"model": ..., "tokenizer":
+    ...}``, by torch's ``FlopCounterMode`` on a batch of one at the data's sizes): the network being
+    trained and the frozen one that makes its targets. Modules it cannot size are left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = getattr(datamodule, "input_size", None) or getattr(datamodule, "crop_size", None)
+    runs: dict[str, Any] = {}
+    model = getattr(task, "model", None)
+    if isinstance(model, torch.nn.Module) and size:
+        image = torch.zeros(1, 3, size, size)
+        if hasattr(model, "patch_grid") and hasattr(task, "tokenizer"):  # masked image modeling: ~40% masked
+            generator = getattr(datamodule, "mask_generator", None)
+            mask = torch.as_tensor(generator(), dtype=torch.bool)[None] if generator else torch.zeros(1, *model.patch_grid, dtype=torch.bool)
+            runs["model"] = (model, (image, mask))
+        else:
+            runs["model"] = (model, (image,))
+    tokenizer = getattr(task, "tokenizer", None)
+    tok_size = getattr(datamodule, "tokenizer_size", None) or getattr(tokenizer, "image_size", None)
+    if isinstance(tokenizer, torch.nn.Module) and hasattr(tokenizer, "encode_logits") and tok_size:
+        runs["tokenizer"] = (tokenizer.encode_logits, (torch.rand(1, 3, tok_size, tok_size),))
+    out = {}
+    for name, (fn, inputs) in runs.items():
+        module = fn if isinstance(fn, torch.nn.Module) else fn.__self__
+        try:
+            device = next(module.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                fn(*[x.to(device) for x in inputs])
+            out[name] = int(counter.get_total_flops())
+        except Exception:  # noqa: BLE001 - a summary must never stop a run; the column shows "-"
+            pass
+        finally:
+            module.train(was_training)
+    return out
+
+
+class FlopsModelSummary(ModelSummary):
+    """Lightning's model summary with a FLOPs column that means something: forward FLOPs per image
+    of the trained network and of the frozen tokenizer (:func:`flops_per_image`), where Lightning
+    prints 0 for models without an ``example_input_array``."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._max_depth:
+            return
+        from pytorch_lightning.utilities.model_summary.model_summary import get_human_readable_count
+
+        summary = self._summary(trainer, pl_module)
+        data = summary._get_summary_data()
+        flops = flops_per_image(pl_module, getattr(trainer, "datamodule", None)) if trainer.is_global_zero else {}
+        names = dict(data)["Name"]
+        data = [
+            ("FLOPs/image", [get_human_readable_count(flops[n]) if n in flops else "-" for n in names])
+            if column == "FLOPs" else (column, values)
+            for column, values in data
+        ]
+        if trainer.is_global_zero:
+            self.summarize(data, summary.total_parameters, summary.trainable_parameters, summary.model_size,
+                           summary.total_training_modes, total_flops=sum(flops.values()), **self._summarize_kwargs)
+
+
+class CheckpointMetadata(pl.Callback):
+    """Write what a checkpoint is into it (``checkpoint["beit_lightning"]``): the task class, the
+    package version, the metrics logged so far and, when given, the run's resolved configuration
+    (YAML text). Plain strings and floats, so ``torch.load(weights_only=True)`` reads them;
+    ``beit-lightning-info`` prints them. ``beit-lightning`` adds it to every run."""
+
+    def __init__(self, config_yaml: str | None = None) -> None:
+        self.config_yaml = config_yaml
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        from . import __version__
+
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            try:
+                metrics[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        cls = type(pl_module)
+        checkpoint["beit_lightning"] = {
+            "task": f"{cls.__module__}.{cls.__qualname__}", "version": __version__, "metrics": metrics,
+            "config": self.config_yaml,
+        }

@@ -6,7 +6,10 @@ Accepted sources (a path or an already loaded object):
   the frozen tokenizer's weights (``tokenizer.*``) are not part of the model and are skipped;
 * the official BEiT release (``{"model": state_dict}``): pre-training checkpoints with
   ``mask_token``, ``lm_head.*`` and the shared ``rel_pos_bias.*``, and fine-tuned ones;
-* plain timm ``Beit`` state dicts and our own ``BeitForMaskedImageModeling`` state dicts.
+* plain timm ``Beit`` state dicts and our own ``BeitForMaskedImageModeling`` state dicts;
+* Hugging Face ``transformers`` BEiT checkpoints: a ``save_pretrained`` folder (ours from
+  :func:`~beit_lightning.huggingface.export_hf`, or any downloaded one), a ``.safetensors`` /
+  ``.bin`` weight file or a state dict with ``beit.*`` names (transformers 5 or 4.x).
 
 All of them are first brought to one flat naming (timm's, which is also the official one:
 ``blocks.N.*``, ``rel_pos_bias.*``, ``mask_token``, ``lm_head.*``) and then mapped onto the
@@ -29,6 +32,7 @@ import torch
 from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
+from .models.backbones import fit_state_dict
 from .models.beit import BeitForMaskedImageModeling
 
 __all__ = [
@@ -128,14 +132,28 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> str | None:
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any], weights_only: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Return ``(state_dict, format)`` from a checkpoint path or a loaded checkpoint object.
 
-    ``format`` is one of ``"lightning"``, ``"official"`` or ``"state_dict"``. Lightning
-    checkpoints have their task prefix (``model.``) removed and the tokenizer dropped.
+    ``format`` is one of ``"lightning"``, ``"official"``, ``"state_dict"`` or ``"transformers"``.
+    Lightning checkpoints have their task prefix (``model.``) removed and the tokenizer and the EMA
+    copy of the weights (``model_ema.``, with ``task.ema_decay``) dropped;
+    transformers BEiT checkpoints (a ``save_pretrained`` folder, a ``.safetensors`` / ``.bin`` file
+    or a state dict with ``beit.*`` names) are renamed to ours (:mod:`beit_lightning.huggingface`).
     """
+    from .huggingface import from_hf_state_dict, is_hf_checkpoint, is_hf_state_dict, read_hf_checkpoint
+
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
         path = os.fspath(obj)
+        if is_hf_checkpoint(path):
+            return read_hf_checkpoint(path)[0], "transformers"
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+            if is_hf_state_dict(obj):
+                return read_hf_checkpoint(path)[0], "transformers"
+            return obj, "state_dict"
         try:
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
         except pickle.UnpicklingError as err:
@@ -148,13 +166,17 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any], w
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         state = {}
         for key, value in obj["state_dict"].items():
-            if key.startswith("tokenizer."):
+            if key.startswith(("tokenizer.", "model_ema.")):  # the frozen tokenizer; the EMA copy (export --ema)
                 continue
             state[key[len("model.") :] if key.startswith("model.") else key] = value
         return state, "lightning"
     for wrapper in ("model", "module", "model_ema"):
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
             return dict(obj[wrapper]), "official"
+    if is_hf_state_dict(obj):
+        if isinstance(path_or_state_dict, (str, os.PathLike)):
+            return read_hf_checkpoint(path_or_state_dict)[0], "transformers"  # with the config.json beside it
+        return from_hf_state_dict(obj), "transformers"
     return dict(obj), "state_dict"
 
 
@@ -236,11 +258,20 @@ def load_checkpoint(
     (used by :func:`export_timm`); by default it is dropped, as the official fine-tuning does.
     """
     state, source = read_state_dict(path_or_state_dict, weights_only=weights_only)
+    if source == "transformers" and isinstance(path_or_state_dict, (str, os.PathLike)):
+        from .huggingface import check_segmentation_out_indices
+
+        problem = check_segmentation_out_indices(model, path_or_state_dict)
+        if problem and strict:
+            raise CheckpointMismatchError(problem)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
     # a segmentation checkpoint's neck and heads keep their names; the rest is a BEiT backbone
     heads = {k: state.pop(k) for k in list(state) if k.startswith(SEGMENTATION_PREFIXES)}
     flat = to_flat_beit_state_dict(state)
     result = LoadResult(source=source)
     segmentation = _is_segmentation_model(model)
+    fresh_prefixes: tuple[str, ...] = ()  # target keys that may start fresh besides the BEiT ones
     if heads and not segmentation:
         result.dropped += sorted(heads)
 
@@ -255,7 +286,7 @@ def load_checkpoint(
             flat.pop(key)  # the final norm: the segmentation backbone takes block outputs before it
             result.dropped.append(f"{key} (unused: features are taken from inside the backbone)")
         flat = {**{f"backbone.{k}": v for k, v in flat.items()}, **heads}
-    elif isinstance(model, BeitForMaskedImageModeling):
+    elif isinstance(model, BeitForMaskedImageModeling) and isinstance(model.backbone, Beit):
         head = {k: flat.pop(k) for k in list(flat) if k.startswith(MIM_ONLY_PREFIXES)}
         flat = {**{f"backbone.{k}": v for k, v in _adapt_to_beit(flat, model.backbone, result, False).items()}, **head}
     elif isinstance(model, Beit):
@@ -263,9 +294,14 @@ def load_checkpoint(
             flat.pop(key)
             result.dropped.append(key)
         flat = _adapt_to_beit(flat, model, result, norm_to_fc_norm)
+    elif isinstance(model, BeitForMaskedImageModeling) or hasattr(model, "pretrained_cfg"):
+        # a timm ViT / DeiT / XCiT (or another timm model, e.g. a distillation teacher), or our
+        # masked-image-modeling model over one: timm's filter of the family (models/backbones.py)
+        flat, dropped, fresh_prefixes = fit_state_dict(flat, model)
+        result.dropped += dropped
     else:
         raise TypeError(
-            "load_checkpoint expects a BeitForMaskedImageModeling, a timm Beit or a segmentation model with a Beit "
+            "load_checkpoint expects a BeitForMaskedImageModeling, a timm model or a segmentation model with a Beit "
             f"backbone (BeitUperNet); got {type(model).__name__}"
         )
     target_state = model.state_dict()
@@ -281,7 +317,7 @@ def load_checkpoint(
     for key in target_state:
         if key not in flat:
             fresh = (isinstance(model, Beit) and key.startswith(NEW_HEAD_PREFIXES)) or (
-                segmentation and key.startswith(SEGMENTATION_PREFIXES))
+                segmentation and key.startswith(SEGMENTATION_PREFIXES)) or key.startswith(fresh_prefixes)
             (result.initialised if fresh else result.missing).append(key)
 
     if strict and (result.missing or result.unexpected or result.mismatched):
@@ -345,22 +381,46 @@ def export_timm(
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """``beit-lightning-export CHECKPOINT OUT --model NAME``: any BEiT checkpoint to a timm file."""
+    """``beit-lightning-export CHECKPOINT OUT --model NAME``: any BEiT checkpoint to a timm file;
+    ``beit-lightning-export --format hf CHECKPOINT FOLDER``: one of our run's checkpoints to a
+    transformers ``save_pretrained`` folder with image processor and model card."""
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="beit-lightning-export",
-        description="Turn a BEiT checkpoint (ours, the official release, timm) into a state dict that "
-        "timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUT)) loads.",
+        description="Turn a BEiT checkpoint (ours, the official release, timm, transformers) into a state dict that "
+        "timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=OUT)) loads (--format timm, the "
+        "default), or one of our Lightning checkpoints into a transformers save_pretrained folder (--format hf: "
+        "config.json, model.safetensors, preprocessor_config.json, README.md).",
     )
     parser.add_argument("checkpoint")
-    parser.add_argument("out", help="output file (.safetensors or .pth)")
-    parser.add_argument("--model", required=True, help="timm model name, e.g. beit_base_patch16_224")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's head, else 0")
-    parser.add_argument("--img-size", type=int, default=None, help="default: the timm model's")
+    parser.add_argument("out", help="timm: output file (.safetensors or .pth); hf: output folder")
+    parser.add_argument("--format", choices=("timm", "hf"), default="timm", help="default: timm")
+    parser.add_argument("--model", default=None, help="timm: timm model name, e.g. beit_base_patch16_224 (required)")
+    parser.add_argument("--num-classes", type=int, default=None, help="timm: default: the checkpoint's head, else 0")
+    parser.add_argument("--img-size", type=int, default=None, help="timm: default: the timm model's")
+    parser.add_argument("--config", default=None,
+                        help="hf: the run's config_resolved.yaml (default: the one in the checkpoint's run folder)")
+    parser.add_argument("--no-pad", dest="pad_last_block", action="store_false",
+                        help="hf: refuse a segmentation model that uses its last block instead of appending an identity "
+                        "layer (transformers' out_indices cannot select the last block)")
+    parser.add_argument("--ema", action="store_true",
+                        help="hf: export the EMA of the weights of a run with task.ema_decay (default: the trained weights)")
     args = parser.parse_args(argv)
     from . import models  # noqa: F401 - registers our model sizes with timm
 
+    if args.format == "hf":
+        if args.model or args.num_classes is not None or args.img_size:
+            parser.error("--model, --num-classes and --img-size are timm options: with --format hf the network comes "
+                         "from the run's configuration (--config)")
+        from .huggingface import export_hf_checkpoint
+
+        folder = export_hf_checkpoint(args.checkpoint, args.out, config=args.config, pad_last_block=args.pad_last_block,
+                                      ema=args.ema)
+        print(f"wrote a transformers folder (config.json, model.safetensors, preprocessor_config.json, README.md) to {folder}")
+        return 0
+    if args.model is None:
+        parser.error("--model is required with --format timm (e.g. --model beit_base_patch16_224)")
     state = export_timm(args.checkpoint, args.out, args.model, args.num_classes, args.img_size)
     print(f"wrote {len(state)} tensors for timm's {args.model} to {args.out}")
     return 0

@@ -20,7 +20,9 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .callbacks import CheckpointMetadata
 from .checkpoints import load_checkpoint, newest_checkpoint
+from .console import quiet_console
 from .strategies import end_distributed
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,32 @@ def _refuse_a_used_folder(output_dir: str, ckpt_path: str | None) -> None:
         )
 
 
+def describe_run(cfg: DictConfig, task: Any, datamodule: Any) -> str:
+    """One line: what is trained, on what data, with which tokenizer, for how long, and where the
+    outputs go (printed at the start of every run)."""
+    model = cfg.get("model") or {}
+    parts = [f"{type(task).__name__}"]
+    if "name" in model:
+        size = (cfg.data.get("input_size") or cfg.data.get("crop_size") or model.get("img_size"))
+        parts.append(f"of {model.name} at {size}px")
+    data, where = cfg.data, None
+    for key in ("root", "train_urls"):
+        if data.get(key):
+            where = data[key]
+    if where is None and data.get("num_train"):
+        where = f"{data.num_train} generated images"
+    parts.append(f"on {type(datamodule).__name__}" + (f" ({where})" if where else ""))
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is not None and str(cfg.task._target_).endswith("MaskedImageModeling"):
+        tok = cfg.get("tokenizer") or {}
+        source = tok.get("path") or tok.get("checkpoint") or ("seeded random weights" if "seed" in tok else "as configured")
+        parts.append(f"with tokenizer {type(tokenizer).__name__} ({tokenizer.vocab_size} codes, {source})")
+    trainer = cfg.trainer
+    length = f"{trainer.max_steps} steps" if trainer.get("max_steps", -1) not in (-1, None) else f"{trainer.get('max_epochs')} epochs"
+    devices = f"{trainer.get('devices', 1)} x {trainer.get('accelerator', 'auto')}"
+    return f"training {' '.join(parts)} for {length} on {devices}, {trainer.get('precision', '32-true')}; outputs in {cfg.output_dir}"
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
@@ -223,9 +251,11 @@ def train(cfg: DictConfig) -> float | None:
         log.info("initialised from %s\n%s", cfg.init_checkpoint, result.report())
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks.append(CheckpointMetadata(OmegaConf.to_yaml(cfg, resolve=True)))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, os.path.join(output_dir, "config_resolved.yaml"), resolve=True)
+        log.info(describe_run(cfg, task, datamodule))
 
     trainer.fit(task, datamodule=datamodule, ckpt_path=_resume_path(cfg.get("ckpt_path"), output_dir))
     value = trainer.callback_metrics.get(cfg.metric) if cfg.get("metric") else None
@@ -235,6 +265,7 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="pkg://beit_lightning.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    quiet_console()
     return train(cfg)
 
 

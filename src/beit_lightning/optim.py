@@ -4,8 +4,9 @@
   recipe of the model's family (:func:`official_no_weight_decay`: for BEiT ``pos_embed`` and
   ``cls_token`` only, so the mask token and the relative position tables are decayed; for other
   timm models their ``no_weight_decay()``).
-* Optional layer-wise learning-rate decay (fine-tuning): parameter group scales follow timm's
-  ``group_matcher`` layer ids.
+* Optional layer-wise learning-rate decay (fine-tuning): parameter group scales follow the layer
+  ids of each backbone family (:func:`~beit_lightning.models.backbones.layer_ids`: BEiT, ViT /
+  DeiT, XCiT with its class-attention blocks).
 * A schedule stepped per optimiser step (BEiT) or per epoch (the official linear probe and
   DeiT): linear warmup from ``warmup_lr`` (0 in BEiT, 1e-6 in DeiT) to the peak, then
   half-cosine to a floor. The same function drives the learning rate and BEiT's optional
@@ -151,38 +152,54 @@ def layer_decay_param_groups(
     model: nn.Module, weight_decay: float, layer_decay: float, backbone: str | None = None,
     no_weight_decay: Iterable[str] = (),
 ) -> list[dict]:
-    """timm's layer-wise lr decay groups: the embedding gets ``layer_decay ** (L + 1)``, block ``i``
-    ``layer_decay ** (L - i)``, the final norm and the head 1.0 (``L`` blocks; as BEiT's
-    fine-tuning code). Each group's ``lr_scale`` multiplies the scheduled learning rate. Weight
-    decay follows :func:`official_no_weight_decay`.
+    """Layer-wise lr decay groups: the embedding gets ``layer_decay ** top``, block ``i``
+    ``layer_decay ** (top - i - 1)``, the final norm and the heads 1.0, with the layer ids of
+    :func:`~beit_lightning.models.backbones.layer_ids` (BEiT's ``get_num_layer_for_vit``; ``top =
+    L + 1`` for ``L`` blocks, and XCiT's class-attention blocks numbered after its ``L`` patch blocks,
+    ``top = L + C + 1``; DeiT's distillation token is in the embedding, its ``head_dist`` with the
+    head). Each group's ``lr_scale`` multiplies the scheduled learning rate. Weight decay follows
+    :func:`official_no_weight_decay`. Models of other families fall back to timm's
+    ``param_groups_layer_decay`` (its ``group_matcher``).
 
     ``backbone``: the name of a timm sub-module of ``model`` (e.g. ``"backbone"`` of
-    :class:`~beit_lightning.models.BeitUperNet`) whose ``group_matcher`` gives the layer ids;
-    every parameter outside it (neck, decode and auxiliary heads) is at scale 1.0. This is BEiT's
-    segmentation ``LayerDecayOptimizerConstructor`` (``num_layers = L + 2``, scale
-    ``rate ** (num_layers - layer_id - 1)``, layer id 0 for tokens and patch embedding, ``i + 1``
-    for block ``i``, ``L + 1`` for everything else).
+    :class:`~beit_lightning.models.BeitUperNet`) whose layer ids are used; every parameter outside
+    it (neck, decode and auxiliary heads) is at scale 1.0, and weight decay spares only 1-d tensors,
+    biases and the names matching a ``no_weight_decay`` pattern. This is BEiT's segmentation
+    ``LayerDecayOptimizerConstructor`` (``num_layers = L + 2``, scale ``rate ** (num_layers -
+    layer_id - 1)``, layer id 0 for tokens and patch embedding, ``i + 1`` for block ``i``, ``L + 1``
+    for everything else).
     """
-    from timm.optim import param_groups_layer_decay
+    from .models.backbones import backbone_family, layer_ids
 
     if backbone is None:
-        return param_groups_layer_decay(
-            model, weight_decay=weight_decay, no_weight_decay_list=official_no_weight_decay(model), layer_decay=layer_decay
-        )
-    from timm.models import group_parameters
+        if backbone_family(model) is None:
+            from timm.optim import param_groups_layer_decay
 
-    sub = model.get_submodule(backbone)
-    if not hasattr(sub, "group_matcher") or not hasattr(sub, "blocks"):
-        raise TypeError(f"layer-wise lr decay needs a timm ViT as {backbone!r}; got {type(sub).__name__}")
-    ids = {f"{backbone}.{name}": i for name, i in group_parameters(sub, sub.group_matcher(coarse=False), reverse=True).items()}
-    top = len(sub.blocks) + 1  # the layer id of everything after the blocks: scale 1.0
-    patterns = list(no_weight_decay)
-    skip = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+            return param_groups_layer_decay(
+                model, weight_decay=weight_decay, no_weight_decay_list=official_no_weight_decay(model),
+                layer_decay=layer_decay,
+            )
+        ids, top = layer_ids(model)
+        skip = _no_weight_decay_names(model)
+    else:
+        sub = model.get_submodule(backbone)
+        if backbone_family(sub) is not None:
+            sub_ids, top = layer_ids(sub)
+        elif hasattr(sub, "group_matcher") and hasattr(sub, "blocks"):
+            from timm.models import group_parameters
+
+            sub_ids = group_parameters(sub, sub.group_matcher(coarse=False), reverse=True)
+            top = len(sub.blocks) + 1
+        else:
+            raise TypeError(f"layer-wise lr decay needs a timm ViT as {backbone!r}; got {type(sub).__name__}")
+        ids = {f"{backbone}.{name}": min(i, top) for name, i in sub_ids.items()}
+        patterns = list(no_weight_decay)
+        skip = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = min(ids.get(name, top), top)
+        layer = ids.get(name, top)
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
         key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
         group = groups.setdefault(key, {

@@ -88,6 +88,8 @@ class BeitDataModule(pl.LightningDataModule):
         repeated_aug: repeated augmentation (DeiT: 3): each image read gives this many differently
             augmented samples, and an epoch keeps its length (so it holds 1/``repeated_aug`` of the
             distinct images, as DeiT's ``RASampler``). 1: off.
+        fast_decode: pre-training views computed the fast way (``BeitPretrainTransform(fast_decode=True)``:
+            same draws and distribution, pixels within ~1 level; see ``tests/test_fast_decode.py``).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class BeitDataModule(pl.LightningDataModule):
         tokenizer_interpolation: str = "lanczos",
         mask_exact_count: bool = True,
         repeated_aug: int = 1,
+        fast_decode: bool = False,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -137,6 +140,7 @@ class BeitDataModule(pl.LightningDataModule):
             self.train_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=scale,
                 color_jitter=color_jitter, hflip=hflip, mean=mean, std=std, tokenizer_interpolation=tokenizer_interpolation,
+                fast_decode=fast_decode,
             )
             # Validation: the same masking on deterministic full-image views without colour augmentation.
             self.val_transform = BeitPretrainTransform(
@@ -448,6 +452,21 @@ class ImageShardsDataModule(BeitDataModule):
         return self._stream_loader(self.val_stream, lambda: (0, 0)) if self.val_stream is not None else []
 
 
+def write_shards_once(out_dir: str, records, classes: list[str], samples_per_shard: int) -> None:
+    """Write ``records()`` as shards into ``out_dir`` unless a complete set (with its index) is
+    there: into a temporary folder renamed into place, so concurrent writers (one per node) and
+    a killed writer never leave a half-written set that looks complete."""
+    if os.path.isfile(os.path.join(out_dir, "index.json")):
+        return
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_shards(records(), tmp, classes=classes, samples_per_shard=samples_per_shard)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def default_cache_dir() -> str:
     """Where generated data is written: ``$BEIT_LIGHTNING_CACHE`` or ``~/.cache/beit_lightning``."""
     return os.environ.get("BEIT_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "beit_lightning")
@@ -502,16 +521,9 @@ class GeneratedDataModule(ImageShardsDataModule):
     def prepare_data(self) -> None:
         """Write the shards unless a complete set (with its index) is there already."""
         for out_dir, count, seed in self._splits:
-            if count <= 0 or os.path.isfile(os.path.join(out_dir, "index.json")):
-                continue
-            tmp = f"{out_dir}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            records = generated_records(count, self.image_size, self.num_classes, seed=seed)
-            write_shards(records, tmp, classes=list(CLASS_NAMES[: self.num_classes]), samples_per_shard=self.samples_per_shard)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:  # another process finished first: keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
+            if count > 0:
+                write_shards_once(out_dir, lambda c=count, s=seed: generated_records(c, self.image_size, self.num_classes, seed=s),
+                                  list(CLASS_NAMES[: self.num_classes]), self.samples_per_shard)
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is None:  # used outside a Trainer: nobody called prepare_data

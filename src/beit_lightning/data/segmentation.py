@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,10 +33,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from .datamodule import ImageFiles, ImageShardsDataModule, _shard_pattern, default_cache_dir
+from .datamodule import (
+    ImageFiles,
+    ImageShardsDataModule,
+    _shard_pattern,
+    default_cache_dir,
+    write_shards_once,
+)
 from .generated import SEGMENTATION_CLASS_NAMES
 from .segmentation_transforms import IGNORE_INDEX, SegmentationEvalTransform, SegmentationTrainTransform
-from .shards import SEG_KEY, generated_segmentation_records, list_segmentation_pairs, write_shards
+from .shards import SEG_KEY, generated_segmentation_records, list_segmentation_pairs
 from .streaming import (
     IMAGE_KEYS,
     EpochLoader,
@@ -448,16 +453,10 @@ class GeneratedSegmentationDataModule(SegmentationShardsDataModule):
     def prepare_data(self) -> None:
         """Write the shards unless a complete set (with its index) is there already."""
         for out_dir, count, seed in self._splits:
-            if count <= 0 or os.path.isfile(os.path.join(out_dir, "index.json")):
-                continue
-            tmp = f"{out_dir}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            records = generated_segmentation_records(count, self.image_size, self.num_classes, seed=seed)
-            write_shards(records, tmp, classes=self.classes, samples_per_shard=self.samples_per_shard)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:  # another process finished first: keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
+            if count > 0:
+                write_shards_once(
+                    out_dir, lambda c=count, s=seed: generated_segmentation_records(c, self.image_size, self.num_classes, seed=s),
+                    self.classes, self.samples_per_shard)
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is None:  # used outside a Trainer: nobody called prepare_data

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 _MAX_CONSECUTIVE_FAILURES = 10_000
 
+# Lightning warns that an IterableDataset's __len__ may be wrong under several workers when each
+# worker is not configured on its own; ShardStream gives every worker its own exact share (see
+# per_worker), so its length is right and the warning is noise.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Brace patterns (``shard-{000000..000099}.tar``), ``::``-joined lists or lists of them."""

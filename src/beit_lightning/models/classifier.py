@@ -2,7 +2,7 @@
 
 The arguments that only one architecture family understands (BEiT's relative position bias and
 layer scale, say) live in the model config (``model.arch`` in ``conf/model/*.yaml``), not in the
-task configs, so that one task config serves BEiT, DeiT and any other timm ViT.
+task configs, so that one task config serves BEiT, ViT, DeiT (distilled too) and XCiT (README: "Backbones").
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def create_classifier(
         img_size: input side; ``None`` keeps the model's default.
         drop_path_rate: stochastic depth.
         arch: architecture-specific timm arguments of this family (e.g. for BEiT
-            ``use_rel_pos_bias``, ``use_abs_pos_emb``, ``init_values``).
+            ``use_rel_pos_bias``, ``use_abs_pos_emb``, ``init_values``; for XCiT ``eta``; sizes such
+            as ``depth`` for the micro test models).
     """
     kwargs: dict[str, Any] = dict(arch or {})
     if img_size is not None:

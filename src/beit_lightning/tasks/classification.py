@@ -9,10 +9,20 @@ for BEiT only biases, norms, ``pos_embed`` and ``cls_token`` are exempt, so the 
 tables are decayed), mixup/cutmix with label smoothing (timm's ``Mixup`` and soft-target
 cross-entropy), and an optional EMA of the weights (timm's ``ModelEmaV3``), evaluated beside the
 model. RandAugment and random erasing come with the data (``data.mode=finetune``).
+
+DeiT's distillation (facebookresearch/deit ``losses.py``, :mod:`beit_lightning.models.distillation`)
+is an option: a distilled DeiT student (timm's ``deit_*_distilled_*``) and a frozen teacher; the
+loss is ``(1 - alpha) * base(class head, targets) + alpha * distillation(distillation head,
+teacher)``, hard (cross-entropy with the teacher's argmax) or soft (KL at temperature ``tau``). The
+teacher sees the same images as the student (after mixup, as in the official ``engine.py``).
+Evaluation averages the two heads (timm's distilled model in eval mode) and logs the student's
+agreement with its teacher (``val/teacher_agreement``: the fraction of images on which their
+argmax classes agree).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +34,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..models.distillation import DISTILLATION_TYPES, SOFT_REDUCTIONS, distillation_loss
 from ..optim import configure_adamw_cosine, layer_decay_param_groups, param_groups
 
 __all__ = ["ImageClassification"]
@@ -49,6 +60,18 @@ class ImageClassification(pl.LightningModule):
         warmup_prefix: the cosine starts after the warmup (BEiT) or runs from step 0 with the warmup
             replacing its first values (timm's ``CosineLRScheduler`` without ``warmup_prefix``, DeiT).
         scale_min_lr: scale ``min_lr`` with ``lr`` by the linear rule (``False``: DeiT scales only ``lr``).
+        distillation: ``"none"``, ``"hard"`` or ``"soft"`` (DeiT's ``--distillation-type``, default none);
+            hard and soft need a distilled student (``set_distilled_training``) and a ``teacher``.
+        teacher: a frozen classifier with ``num_classes`` outputs
+            (:func:`~beit_lightning.models.create_teacher`); kept in eval mode without gradients, and
+            left out of this task's checkpoints (it is rebuilt from its own file).
+        distillation_alpha: weight of the distillation term (``--distillation-alpha``, 0.5).
+        distillation_tau: temperature of soft distillation (``--distillation-tau``, 1.0).
+        soft_distillation_reduction: ``"numel"`` (official: the summed KL divided by batch x classes)
+            or ``"batchmean"`` (timm's ``TokenDistillationTask``: divided by the batch).
+        teacher_autocast: run the teacher under the Trainer's autocast (the official ``engine.py``
+            runs it inside the fp16 autocast of the student); ``False`` (default): in float32 outside
+            autocast, so that bf16 rounding cannot flip the teacher's hard labels.
     """
 
     def __init__(
@@ -73,13 +96,23 @@ class ImageClassification(pl.LightningModule):
         warmup_lr: float = 0.0,
         warmup_prefix: bool = True,
         scale_min_lr: bool = True,
+        distillation: str = "none",
+        teacher: nn.Module | None = None,
+        distillation_alpha: float = 0.5,
+        distillation_tau: float = 1.0,
+        soft_distillation_reduction: str = "numel",
+        teacher_autocast: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "teacher"])
         head_classes = getattr(model, "num_classes", num_classes)
         if head_classes != num_classes:
             raise ValueError(f"the model's head has {head_classes} classes but num_classes={num_classes}")
+        _check_distillation(model, teacher, num_classes, distillation, soft_distillation_reduction)
         self.model = model
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        if distillation != "none":
+            model.set_distilled_training(True)  # training mode returns (class logits, distillation logits)
         self.mixup = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                   label_smoothing=label_smoothing, num_classes=num_classes)
@@ -90,19 +123,64 @@ class ImageClassification(pl.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
         self.ema_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.teacher_agreement = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+
+    def train(self, mode: bool = True) -> ImageClassification:
+        """Switch modes but keep the frozen teacher in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            from .frozen import expect_frozen_in_eval_mode
+
+            expect_frozen_in_eval_mode([self.teacher])
+        # the weights may have been loaded after __init__ (init_checkpoint): start the EMA from them,
+        # unless this run resumes, in which case the EMA comes from the checkpoint
+        if self.model_ema is not None and self.trainer.ckpt_path is None:
+            self.model_ema.set(self.model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits, in float32 outside autocast unless ``teacher_autocast``."""
+        if self.hparams.teacher_autocast:
+            return self.teacher(images).float()
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self.teacher(images.float()).float()
+
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on (possibly mixed) ``images`` and ``targets`` (class indices, or mixup's
+        soft targets), and its parts: with distillation, DeiT's ``(1 - alpha) * base(class head,
+        targets) + alpha * distillation(distillation head, teacher(images))``."""
+        hp = self.hparams
+        if targets.ndim > 1:  # mixup's soft targets (label smoothing included)
+            base = SoftTargetCrossEntropy()
+        else:
+            base = partial(F.cross_entropy, label_smoothing=hp.label_smoothing)
+        outputs = self(images)
+        if hp.distillation == "none":
+            return base(outputs.float(), targets), {}
+        class_logits, dist_logits = outputs
+        base_loss = base(class_logits.float(), targets)
+        distill = distillation_loss(dist_logits.float(), self.teacher_logits(images), hp.distillation,
+                                    hp.distillation_tau, hp.soft_distillation_reduction)
+        loss = (1.0 - hp.distillation_alpha) * base_loss + hp.distillation_alpha * distill
+        return loss, {"base_loss": base_loss, "distillation_loss": distill}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch["image"], batch["label"]
+        images, targets = batch["image"], batch["label"]
         if self.mixup is not None:
             if len(images) % 2:  # timm's Mixup pairs samples: drop an odd one out
-                images, labels = images[:-1], labels[:-1]
-            images, soft = self.mixup(images, labels)
-            loss = SoftTargetCrossEntropy()(self(images).float(), soft)
-        else:
-            loss = F.cross_entropy(self(images).float(), labels, label_smoothing=self.hparams.label_smoothing)
+                images, targets = images[:-1], targets[:-1]
+            images, targets = self.mixup(images, targets)
+        loss, parts = self.loss(images, targets)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the classification loss is {loss.item()} at step {self.global_step}: lower the learning rate, "
@@ -110,12 +188,6 @@ class ImageClassification(pl.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def on_fit_start(self) -> None:
-        # the weights may have been loaded after __init__ (init_checkpoint): start the EMA from them,
-        # unless this run resumes, in which case the EMA comes from the checkpoint
-        if self.model_ema is not None and self.trainer.ckpt_path is None:
-            self.model_ema.set(self.model)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.model_ema is not None:
@@ -132,6 +204,21 @@ class ImageClassification(pl.LightningModule):
         if self.model_ema is not None:
             self.ema_top1(self.model_ema.module(images).float(), labels)
             self.log("val/ema_acc1", self.ema_top1)
+        if self.teacher is not None:
+            self.teacher_agreement(logits, self.teacher_logits(images).argmax(dim=-1))
+            self.log("val/teacher_agreement", self.teacher_agreement, prog_bar=True)
+
+    # --- checkpoints: the teacher is rebuilt from its own file, not stored --------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{key}", value)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -144,3 +231,27 @@ class ImageClassification(pl.LightningModule):
             interval=hp.schedule_interval, warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix,
             scale_min_lr=hp.scale_min_lr,
         )
+
+
+def _check_distillation(model: nn.Module, teacher: nn.Module | None, num_classes: int, distillation: str,
+                        reduction: str) -> None:
+    """Fail early, with the fix, when the distillation options cannot work together."""
+    if distillation not in DISTILLATION_TYPES:
+        raise ValueError(f"distillation must be one of {DISTILLATION_TYPES}; got {distillation!r}")
+    if reduction not in SOFT_REDUCTIONS:
+        raise ValueError(f"soft_distillation_reduction must be one of {SOFT_REDUCTIONS}; got {reduction!r}")
+    if distillation == "none":
+        if teacher is not None:
+            raise ValueError("a teacher is given but distillation='none': set task.distillation=hard (or soft), "
+                             "or remove the teacher")
+        return
+    if not hasattr(model, "set_distilled_training"):
+        raise ValueError(
+            f"distillation={distillation!r} trains a distillation token: the student must be a distilled DeiT "
+            f"(model=deit_tiny_distilled, deit_small_distilled, deit_base_distilled); got {type(model).__name__}"
+        )
+    if teacher is None:
+        raise ValueError(f"distillation={distillation!r} needs a teacher (task.teacher: a timm model name and its checkpoint)")
+    teacher_classes = getattr(teacher, "num_classes", num_classes)
+    if teacher_classes != num_classes:
+        raise ValueError(f"the teacher predicts {teacher_classes} classes but the student {num_classes}")

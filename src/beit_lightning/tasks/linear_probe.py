@@ -5,6 +5,11 @@ tokens) of that block's raw output (no final LayerNorm); the loss is the sum of 
 cross-entropies; AdamW with weight decay on every head parameter and a cosine schedule stepped
 once per epoch to 0 with no warmup. The validation accuracy of every block is logged and the
 best block reported.
+
+Any supported timm backbone can be probed (:func:`~beit_lightning.models.backbones.probe_features`):
+BEiT, ViT and DeiT give concat(CLS, mean patch token) per block (DeiT's distillation token is left
+out); XCiT's ``L`` patch blocks have no class token and give the mean patch token, and its
+class-attention blocks are probed too, as layers ``L, L + 1`` (concat(CLS, mean patch token)).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..models.backbones import num_probe_layers, probe_dims, probe_features
 from ..optim import configure_adamw_cosine
+from .frozen import expect_frozen_in_eval_mode
 
 __all__ = ["LinearProbe"]
 
@@ -26,10 +33,11 @@ class LinearProbe(pl.LightningModule):
     """Task ``linear_probe``.
 
     Args:
-        model: a timm ``Beit`` (or any timm ViT with ``forward_intermediates``), loaded from a
+        model: a timm ``Beit``, ``VisionTransformer`` (ViT, DeiT) or ``Xcit``, loaded from a
             pre-trained checkpoint by ``init_checkpoint``; it is frozen here.
         num_classes: number of classes.
-        blocks: which blocks to probe (0-based); ``None``: all.
+        blocks: which blocks to probe (0-based); ``None``: all. For XCiT, ``L + j`` is its
+            class-attention block ``j`` (``L`` patch blocks).
         lr, min_lr, weight_decay, betas, warmup_epochs, warmup_steps: the heads' optimiser
             (official: 4e-3 at a total batch of 1024, 0, 1e-4, (0.9, 0.999), 0, None).
         lr_base_batch: the total batch ``lr`` and ``min_lr`` are given for; they are scaled linearly
@@ -56,12 +64,11 @@ class LinearProbe(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model.eval().requires_grad_(False)
-        depth = len(model.blocks)
+        depth = num_probe_layers(model)
         self.blocks = list(range(depth)) if blocks is None else [int(b) for b in blocks]
         if not self.blocks or min(self.blocks) < 0 or max(self.blocks) >= depth:
             raise ValueError(f"blocks must be indices in [0, {depth - 1}]; got {blocks}")
-        dim = 2 * model.embed_dim
-        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in self.blocks)
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for dim in probe_dims(model, self.blocks))
         with torch.no_grad():
             for head in self.heads:
                 head.weight.normal_(0.0, init_std)
@@ -73,14 +80,14 @@ class LinearProbe(pl.LightningModule):
         self.model.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        expect_frozen_in_eval_mode([self.model])
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """concat(CLS, mean patch token) of every probed block's output."""
-        outs = self.model.forward_intermediates(
-            images, indices=self.blocks, return_prefix_tokens=True, norm=False, output_fmt="NLC",
-            intermediates_only=True,
-        )
-        return [torch.cat([prefix[:, 0], patches.mean(1)], dim=-1).float() for patches, prefix in outs]
+        """concat(CLS, mean patch token) of every probed block's output (XCiT's patch blocks: the
+        mean patch token; see :func:`~beit_lightning.models.backbones.probe_features`)."""
+        return [f.float() for f in probe_features(self.model, images, self.blocks)]
 
     def logits(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each head on its block's features, in float32 outside any autocast: the official script

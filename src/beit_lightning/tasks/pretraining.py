@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..models.beit import BeitForMaskedImageModeling
 from ..models.tokenizers.base import VisualTokenizer
 from ..optim import configure_adamw_cosine, cosine_schedule, param_groups, schedule_steps
+from .frozen import expect_frozen_in_eval_mode
 
 __all__ = ["MaskedImageModeling", "NonFiniteLossError"]
 
@@ -77,6 +78,9 @@ class MaskedImageModeling(pl.LightningModule):
         super().train(mode)
         self.tokenizer.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        expect_frozen_in_eval_mode([self.tokenizer])
 
     # --- the method ----------------------------------------------------------------------
     def targets(self, tokenizer_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,27 +4,27 @@ Logged: the loss and its terms, the reconstruction error (dVAE: mean squared err
 decoded from the *discrete* tokens; VQ-KD: cosine similarity to the teacher's features), and
 codebook health: perplexity of the code distribution (``exp`` of its entropy; the number of
 equally used codes it is worth) and the fraction of codes in use over the validation set. dVAE
-image grids (originals above reconstructions) go to TensorBoard, or as PNG files into the log
-folder of other loggers. The trained tokenizer is exported as a small stand-alone checkpoint
+image grids (originals above reconstructions) and the codebook's usage (codes sorted by how often
+they were chosen) go to TensorBoard and as PNG files into ``<log dir>/images/``. The trained tokenizer is exported as a small stand-alone checkpoint
 (``export_path``) after every validation and at the end of training.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytorch_lightning as pl
 import timm
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from ..models.tokenizers.checkpoint import save_tokenizer
 from ..models.tokenizers.dvae import DiscreteVAE
 from ..models.tokenizers.vqkd import VQKD, teacher_output_dim, teacher_patch_features
 from ..optim import configure_adamw_cosine, param_groups, schedule_steps
+from ..visualise import bar_chart, log_image, to_uint8
+from .frozen import expect_frozen_in_eval_mode
 
 __all__ = ["TokenizerTraining", "codebook_usage"]
 
@@ -113,6 +113,9 @@ class TokenizerTraining(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        expect_frozen_in_eval_mode([self.teacher])
+
     def on_train_start(self) -> None:
         # Lightning keeps the modes modules had when fit() was called; a tokenizer left in eval mode
         # (e.g. after encoding a batch) would train without its codebook updates
@@ -166,22 +169,21 @@ class TokenizerTraining(pl.LightningModule):
         perplexity, used = codebook_usage(histogram)
         self.log("val/perplexity", perplexity)
         self.log("val/codes_used", used)
-        if self._val_images is not None and not self.trainer.sanity_checking:
-            self._log_images(*self._val_images)
+        if not self.trainer.sanity_checking:
+            self._log_images(*(self._val_images or (None, None)), histogram)
         if not self.trainer.sanity_checking:
             self.export()
 
-    def _log_images(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    def _log_images(self, originals: torch.Tensor | None, reconstructions: torch.Tensor | None,
+                    histogram: torch.Tensor) -> None:
+        """Originals above their reconstructions (dVAE: decoded from the discrete tokens), and the
+        codebook's usage over the validation set (codes sorted by how often they were chosen)."""
         if not self.trainer.is_global_zero:
             return
-        grid = make_grid(torch.cat([originals, reconstructions]).clamp(0, 1), nrow=len(originals))
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
-            elif getattr(logger, "log_dir", None):
-                folder = os.path.join(logger.log_dir, "images")
-                os.makedirs(folder, exist_ok=True)
-                save_image(grid, os.path.join(folder, f"reconstructions_step{self.global_step:07d}.png"))
+        if originals is not None:
+            grid = make_grid(torch.cat([originals, reconstructions]).clamp(0, 1), nrow=len(originals))
+            log_image(self.trainer, "val/reconstructions", to_uint8(grid))
+        log_image(self.trainer, "val/codebook_usage", bar_chart(histogram.cpu()))
 
     def export(self) -> None:
         """Write the stand-alone tokenizer checkpoint (rank zero)."""

@@ -191,6 +191,8 @@ class DallETokenizer(VisualTokenizer):
             raise ValueError(f"image_size must be a multiple of {self.downsample}; got {image_size}")
         self.vocab_size = vocab_size
         self.image_size = image_size
+        # OpenAI's decoder (decoder.pkl), when loaded by from_openai: then decode() turns tokens into images
+        self.decoder: DallEDecoder | None = None
         if seed is None:
             self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size, input_channels)
         else:
@@ -201,6 +203,22 @@ class DallETokenizer(VisualTokenizer):
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(map_pixels(images))
 
+    @property
+    def can_decode(self) -> bool:
+        return self.decoder is not None
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (``B x 3 x H x W``) from tokens ``B x h x w``, as OpenAI's usage: the
+        decoder on one-hot codes, the sigmoid of the location channels, ``unmap_pixels``. Needs the
+        decoder (``from_openai(..., decoder_path=...)``)."""
+        if self.decoder is None:
+            raise RuntimeError("this DallETokenizer has no decoder: load OpenAI's decoder.pkl with "
+                               "DallETokenizer.from_openai(encoder_path, decoder_path=...)")
+        one_hot = F.one_hot(tokens.long(), self.vocab_size).permute(0, 3, 1, 2).float()
+        stats = self.decoder(one_hot).float()
+        return unmap_pixels(torch.sigmoid(stats[:, :3]))
+
     @classmethod
     def from_openai(
         cls,
@@ -208,14 +226,23 @@ class DallETokenizer(VisualTokenizer):
         image_size: int = 112,
         vocab_size: int | None = None,
         map_location: Any = "cpu",
+        decoder_path: str | os.PathLike | None = None,
     ) -> DallETokenizer:
-        """Load OpenAI's published ``encoder.pkl`` without the ``dall_e`` package and without
-        running any code from the file. ``vocab_size``, when given, is checked against the file."""
+        """Load OpenAI's published ``encoder.pkl`` (and optionally ``decoder.pkl``, for pictures
+        decoded from tokens) without the ``dall_e`` package and without running any code from the
+        files. ``vocab_size``, when given, is checked against the file."""
         state, sizes = read_openai_encoder(path, map_location=map_location)
         if vocab_size is not None and vocab_size != sizes["vocab_size"]:
             raise ValueError(f"{os.fspath(path)!r} has {sizes['vocab_size']} codes, not vocab_size={vocab_size}")
         tokenizer = cls(image_size=image_size, **sizes)
         tokenizer.encoder.load_state_dict(state, strict=True)
+        if decoder_path is not None:
+            dec_state, dec_sizes = read_openai_decoder(decoder_path, map_location=map_location)
+            if dec_sizes["vocab_size"] != sizes["vocab_size"]:
+                raise ValueError(f"the decoder {os.fspath(decoder_path)!r} has {dec_sizes['vocab_size']} codes but the "
+                                 f"encoder has {sizes['vocab_size']}: use the decoder.pkl published with encoder.pkl")
+            tokenizer.decoder = DallEDecoder(**dec_sizes).requires_grad_(False)
+            tokenizer.decoder.load_state_dict(dec_state, strict=True)
         return tokenizer
 
 
@@ -232,6 +259,17 @@ class _PickledModule:
         self.__dict__.update(state)
 
 
+#: the classes that OpenAI's decoder.pkl holds
+OPENAI_DECODER_CLASSES = (
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.upsampling.Upsample",
+    "torch.nn.modules.linear.Identity",
+)
+
 #: the classes that OpenAI's encoder.pkl holds (besides tensors, OrderedDict and torch.device)
 OPENAI_ENCODER_CLASSES = (
     "dall_e.encoder.Encoder",
@@ -244,7 +282,7 @@ OPENAI_ENCODER_CLASSES = (
 )
 _STAND_INS = {
     name: type(f"Pickled_{name.rsplit('.', 1)[-1]}", (_PickledModule,), {"pickled_name": name})
-    for name in OPENAI_ENCODER_CLASSES
+    for name in dict.fromkeys(OPENAI_ENCODER_CLASSES + OPENAI_DECODER_CLASSES)
 }
 
 
@@ -266,22 +304,7 @@ def read_openai_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> t
     global for any file that holds something other than an OpenAI encoder.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DALL-E encoder file not found: {path!r} (OpenAI publishes it as encoder.pkl)")
-    allowed = [(cls, name) for name, cls in _STAND_INS.items()]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            root = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-        reason = re.sub(r"\. Please use .*", "", lines[0]) if lines else str(err).splitlines()[0]
-        raise ValueError(
-            f"refusing to load {path!r}: it is not an OpenAI DALL-E encoder.pkl or it holds objects such a file "
-            f"never holds ({reason}). Only these classes are accepted: "
-            f"{', '.join(OPENAI_ENCODER_CLASSES)}. For the decoder or other files, use the matching loader."
-        ) from None
-    if getattr(root, "pickled_name", None) != "dall_e.encoder.Encoder":
-        raise ValueError(f"{path!r} does not hold a dall_e.encoder.Encoder (found {type(root).__name__})")
+    root = _read_openai_pickle(path, "encoder", OPENAI_ENCODER_CLASSES, map_location)
     state = {f"blocks.{k}" if not k.startswith("blocks.") else k: v for k, v in _flatten_parameters(root).items()}
     try:
         n_hid, input_channels = state["blocks.input.w"].shape[:2]
@@ -290,4 +313,42 @@ def read_openai_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> t
         raise ValueError(f"{path!r} lacks the encoder parameter {err.args[0]}; is it a DALL-E encoder?") from None
     n_blk_per_group = sum(1 for k in state if k.startswith("blocks.group_1.") and k.endswith("res_path.conv_1.w"))
     sizes = dict(n_hid=int(n_hid), n_blk_per_group=n_blk_per_group, vocab_size=int(vocab_size), input_channels=int(input_channels))
+    return {k: v.float() for k, v in state.items()}, sizes
+
+
+def _read_openai_pickle(path: str, kind: str, classes: tuple[str, ...], map_location: Any) -> _PickledModule:
+    """The root module of OpenAI's pickled ``{kind}.pkl``, read with only ``classes`` allowed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DALL-E {kind} file not found: {path!r} (OpenAI publishes it as {kind}.pkl)")
+    allowed = [(_STAND_INS[name], name) for name in classes]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            root = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        reason = re.sub(r"\. Please use .*", "", lines[0]) if lines else str(err).splitlines()[0]
+        raise ValueError(
+            f"refusing to load {path!r}: it is not an OpenAI DALL-E {kind}.pkl or it holds objects such a file "
+            f"never holds ({reason}). Only these classes are accepted: {', '.join(classes)}."
+        ) from None
+    expected = f"dall_e.{kind}.{kind.capitalize()}"
+    if getattr(root, "pickled_name", None) != expected:
+        raise ValueError(f"{path!r} does not hold a {expected} (found {getattr(root, 'pickled_name', type(root).__name__)})")
+    return root
+
+
+def read_openai_decoder(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Return ``(state_dict, sizes)`` of OpenAI's pickled dVAE decoder (``decoder.pkl``) for
+    :class:`DallEDecoder`; the same safety as :func:`read_openai_encoder`."""
+    path = os.fspath(path)
+    root = _read_openai_pickle(path, "decoder", OPENAI_DECODER_CLASSES, map_location)
+    state = {f"blocks.{k}" if not k.startswith("blocks.") else k: v for k, v in _flatten_parameters(root).items()}
+    try:
+        n_init, vocab_size = state["blocks.input.w"].shape[:2]
+        out2, n_hid = state["blocks.output.conv.w"].shape[:2]
+    except KeyError as err:
+        raise ValueError(f"{path!r} lacks the decoder parameter {err.args[0]}; is it a DALL-E decoder?") from None
+    n_blk_per_group = sum(1 for k in state if k.startswith("blocks.group_1.") and k.endswith("res_path.conv_1.w"))
+    sizes = dict(n_init=int(n_init), n_hid=int(n_hid), n_blk_per_group=n_blk_per_group, vocab_size=int(vocab_size),
+                 output_channels=int(out2) // 2)
     return {k: v.float() for k, v in state.items()}, sizes

@@ -1,0 +1,197 @@
+"""Pictures of what a run learns, as uint8 ``H x W x 3`` arrays (no plotting library needed):
+masked images, token maps, attention maps, confusion matrices, codebook usage, and the grid and
+logger plumbing that :class:`~beit_lightning.callbacks.ValidationImages` and the notebooks share.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "attention_maps",
+    "bar_chart",
+    "class_palette",
+    "colour_map",
+    "confusion_image",
+    "heatmap",
+    "hstack",
+    "log_image",
+    "masked_image",
+    "token_colours",
+    "to_uint8",
+    "vstack",
+]
+
+
+def token_colours(num: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random colour per code or class (``num x 3`` uint8): the same code has the same
+    colour in every picture of a run."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(32, 256, (num, 3), generator=generator, dtype=torch.uint8)
+
+
+def class_palette(num_classes: int, seed: int = 0) -> torch.Tensor:
+    """:func:`token_colours` plus black for ignored pixels (the last row, index ``num_classes``)."""
+    return torch.cat([token_colours(num_classes, seed), torch.zeros(1, 3, dtype=torch.uint8)])
+
+
+def to_uint8(image: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """``3 x H x W`` float (normalised with ``mean``/``std``, or in [0, 1]) -> ``H x W x 3`` uint8."""
+    image = image.detach().float().cpu()
+    if mean is not None and std is not None:
+        image = image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def _upscale(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``h x w (x c)`` -> ``H x W (x c)`` by nearest neighbour (cells stay sharp)."""
+    x = grid.float()
+    x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=size, mode="nearest")[0]
+    return x[0] if grid.ndim == 2 else x.permute(1, 2, 0)
+
+
+def colour_map(labels: torch.Tensor, palette: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A ``h x w`` map of codes or classes in their colours (``H x W x 3`` uint8); values outside
+    the palette (e.g. 255 for ignored pixels) take its last colour."""
+    labels = labels.detach().long().cpu()
+    labels = torch.where((labels < 0) | (labels >= len(palette)), len(palette) - 1, labels)
+    out = palette[labels]
+    return _upscale(out, size).to(torch.uint8) if size is not None else out
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor, grey: int = 128) -> torch.Tensor:
+    """The image (``H x W x 3`` uint8) with the masked patches (``mask``: ``h x w`` bool) greyed out."""
+    cover = _upscale(mask.detach().cpu().float(), tuple(image.shape[:2])).bool()
+    out = image.clone()
+    out[cover] = grey
+    return out
+
+
+def heatmap(values: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A ``h x w`` map scaled to its own range as a dark-blue -> yellow image (``H x W x 3`` uint8)."""
+    v = values.detach().float().cpu()
+    v = (v - v.min()) / (v.max() - v.min()).clamp(min=1e-12)
+    out = torch.stack([v, v ** 0.5 * 0.9, (1 - v) * 0.6 + 0.1 * v], dim=-1)
+    out = (out * 255).round().to(torch.uint8)
+    return _upscale(out, size).to(torch.uint8) if size is not None else out
+
+
+def _pad_to(image: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    h, w = image.shape[:2]
+    return F.pad(image.permute(2, 0, 1), (0, (width or w) - w, 0, (height or h) - h), value=255).permute(1, 2, 0)
+
+
+def hstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Images side by side (white gaps; shorter ones padded at the bottom)."""
+    height = max(i.shape[0] for i in images)
+    parts = []
+    for n, image in enumerate(images):
+        parts.append(_pad_to(image, height=height))
+        if gap and n < len(images) - 1:
+            parts.append(torch.full((height, gap, 3), 255, dtype=torch.uint8))
+    return torch.cat(parts, dim=1)
+
+
+def vstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Images one above the other (white gaps; narrower ones padded on the right)."""
+    width = max(i.shape[1] for i in images)
+    parts = []
+    for n, image in enumerate(images):
+        parts.append(_pad_to(image, width=width))
+        if gap and n < len(images) - 1:
+            parts.append(torch.full((gap, width, 3), 255, dtype=torch.uint8))
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def attention_maps(backbone: nn.Module, images: torch.Tensor, block: int = -1, query: int = 0) -> torch.Tensor:
+    """Attention of token ``query`` (0: the CLS token; ``1 + i``: patch ``i``) over the patches in
+    ``block`` of a timm ViT/BEiT: ``B x heads x h x w`` (each head's map sums to at most 1).
+
+    The block's attention is run once unfused for this call (timm's ``fused_attn`` off) and its
+    probabilities are read where timm applies attention dropout, so nothing is re-implemented.
+    """
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(backbone).__name__} has no transformer blocks to read attention from")
+    attn = getattr(blocks[block], "attn", None)
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    if not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn") or grid is None:
+        # e.g. XCiT: its blocks attend across channels, not tokens; there is no patch attention map
+        raise TypeError(f"{type(backbone).__name__} has no token attention of timm's kind to draw")
+    seen: list[torch.Tensor] = []
+    handle = attn.attn_drop.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
+    fused, attn.fused_attn = attn.fused_attn, False
+    was_training = backbone.training
+    try:
+        backbone.eval()
+        backbone.forward_features(images)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+        backbone.train(was_training)
+    probs = seen[-1][:, :, query]  # B x heads x tokens
+    prefix = probs.shape[-1] - grid[0] * grid[1]
+    return probs[..., prefix:].reshape(probs.shape[0], probs.shape[1], *grid).float().cpu()
+
+
+def confusion_image(confusion: torch.Tensor, cell: int = 0, size: int = 256) -> torch.Tensor:
+    """A confusion matrix (rows: true class, columns: prediction), each row normalised, as a
+    heat map (``H x W x 3`` uint8) with a thin white diagonal tick for orientation."""
+    c = confusion.detach().double().cpu()
+    rows = c / c.sum(1, keepdim=True).clamp(min=1)
+    n = c.shape[0]
+    cell = cell or max(1, size // n)
+    image = heatmap(rows.float(), (n * cell, n * cell))
+    if cell >= 4:
+        for i in range(n):
+            image[i * cell + cell // 2, i * cell : i * cell + 1] = 255
+    return image
+
+
+def bar_chart(values: torch.Tensor, height: int = 96, sort: bool = True) -> torch.Tensor:
+    """Bars of ``values`` (e.g. how often each code was used), tallest first when ``sort`` (a
+    codebook's usage curve), one pixel per bar for long vectors (``H x W x 3`` uint8)."""
+    v = values.detach().double().cpu()
+    if sort:
+        v = v.sort(descending=True).values
+    width = max(1, min(4, 512 // max(1, len(v))))
+    top = v.max().clamp(min=1e-12)
+    image = torch.full((height, len(v) * width, 3), 255, dtype=torch.uint8)
+    for i, value in enumerate(v.tolist()):
+        h = int(round(height * value / float(top)))
+        if h:
+            image[height - h :, i * width : (i + 1) * width] = torch.tensor([40, 90, 170], dtype=torch.uint8)
+    return image
+
+
+def log_image(trainer, tag: str, image: torch.Tensor, step: int | None = None) -> str | None:
+    """Send ``image`` (``H x W x 3`` uint8) to every logger that takes images (TensorBoard's
+    ``add_image``) and write it as ``<log dir>/images/<tag>-step<N>.png`` beside the CSV logs;
+    return the PNG's path (``None`` when the trainer has no logger)."""
+    from PIL import Image
+
+    step = trainer.global_step if step is None else step
+    array = image.detach().cpu().numpy().astype(np.uint8)
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(tag, array, step, dataformats="HWC")
+    from pytorch_lightning.loggers import CSVLogger
+
+    csv = [lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    folder = csv[0] if csv else (trainer.log_dir if trainer.loggers else None)
+    if not folder:  # no logger: nothing is written (not into the working directory)
+        return None
+    folder = os.path.join(folder, "images")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{tag.replace('/', '_')}-step{step:07d}.png")
+    Image.fromarray(array).save(path)
+    return path
