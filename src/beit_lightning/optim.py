@@ -34,6 +34,7 @@ __all__ = [
     "cosine_schedule",
     "effective_batch_size",
     "layer_decay_param_groups",
+    "matching_names",
     "official_no_weight_decay",
     "param_groups",
     "scale_lr",
@@ -148,6 +149,12 @@ def official_no_weight_decay(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
+def matching_names(model: nn.Module, patterns: Iterable[str]) -> set[str]:
+    """Names of ``model``'s parameters that match any of the ``fnmatch`` ``patterns``."""
+    patterns = list(patterns)
+    return {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
 def layer_decay_param_groups(
     model: nn.Module, weight_decay: float, layer_decay: float, backbone: str | None = None,
     no_weight_decay: Iterable[str] = (),
@@ -193,8 +200,7 @@ def layer_decay_param_groups(
         else:
             raise TypeError(f"layer-wise lr decay needs a timm ViT as {backbone!r}; got {type(sub).__name__}")
         ids = {f"{backbone}.{name}": min(i, top) for name, i in sub_ids.items()}
-        patterns = list(no_weight_decay)
-        skip = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        skip = matching_names(model, no_weight_decay)
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -88,26 +88,29 @@ def _pad_to(image: torch.Tensor, height: int | None = None, width: int | None = 
     return F.pad(image.permute(2, 0, 1), (0, (width or w) - w, 0, (height or h) - h), value=255).permute(1, 2, 0)
 
 
-def hstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
-    """Images side by side (white gaps; shorter ones padded at the bottom)."""
-    height = max(i.shape[0] for i in images)
+def _stack(images: Sequence[torch.Tensor], dim: int, gap: int) -> torch.Tensor:
+    """Images along ``dim`` (1: side by side, 0: one above the other) with white gaps, each padded
+    on the other axis to the largest size."""
+    other = 1 - dim
+    size = max(i.shape[other] for i in images)
     parts = []
     for n, image in enumerate(images):
-        parts.append(_pad_to(image, height=height))
+        parts.append(_pad_to(image, **({"height": size} if other == 0 else {"width": size})))
         if gap and n < len(images) - 1:
-            parts.append(torch.full((height, gap, 3), 255, dtype=torch.uint8))
-    return torch.cat(parts, dim=1)
+            shape = [0, 0, 3]
+            shape[dim], shape[other] = gap, size
+            parts.append(torch.full(tuple(shape), 255, dtype=torch.uint8))
+    return torch.cat(parts, dim=dim)
+
+
+def hstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Images side by side (white gaps; shorter ones padded at the bottom)."""
+    return _stack(images, 1, gap)
 
 
 def vstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
     """Images one above the other (white gaps; narrower ones padded on the right)."""
-    width = max(i.shape[1] for i in images)
-    parts = []
-    for n, image in enumerate(images):
-        parts.append(_pad_to(image, width=width))
-        if gap and n < len(images) - 1:
-            parts.append(torch.full((gap, width, 3), 255, dtype=torch.uint8))
-    return torch.cat(parts, dim=0)
+    return _stack(images, 0, gap)
 
 
 @torch.no_grad()

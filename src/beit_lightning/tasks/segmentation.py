@@ -24,7 +24,6 @@ the end of validation.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from ..optim import configure_adamw_poly, layer_decay_param_groups, param_groups
+from ..optim import configure_adamw_poly, layer_decay_param_groups, matching_names, param_groups
 
 __all__ = ["SemanticSegmentation", "scores_from_confusion", "slide_inference"]
 
@@ -93,10 +92,6 @@ def scores_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
         "IoU": iou, "Acc": acc, "mIoU": iou.nanmean(), "mAcc": acc.nanmean(),
         "aAcc": tp.sum() / confusion.sum().clamp(min=1),
     }
-
-
-def _matching(model: nn.Module, patterns: Sequence[str]) -> set[str]:
-    return {n for n, _ in model.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 class SemanticSegmentation(pl.LightningModule):
@@ -267,7 +262,7 @@ class SemanticSegmentation(pl.LightningModule):
                                               no_weight_decay=hp.no_weight_decay)
         else:
             groups = param_groups(self.model, hp.weight_decay,
-                                  skip_names=_matching(self.model, hp.no_weight_decay), official_exemptions=False)
+                                  skip_names=matching_names(self.model, hp.no_weight_decay), official_exemptions=False)
         return configure_adamw_poly(
             self.trainer, groups, hp.lr, hp.betas, hp.warmup_steps, hp.warmup_ratio, hp.power, hp.min_lr,
             hp.lr_base_batch,
