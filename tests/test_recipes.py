@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from beit_lightning.cli import ConfigError, validate_config
+from beit_lightning.cli import ConfigError, data_groups_of_kind, data_kind, validate_config
 
 ROOT = Path(__file__).parents[1]
 CONF = ROOT / "conf"
@@ -90,14 +90,28 @@ def _assert_composes(cfg, data):
     instantiate(cfg.data)
 
 
+def _kind(group: str, name: str) -> str:
+    """The data kind a task needs or a data group serves (the ``data_kind`` of its ``_target_`` class)."""
+    target = yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+    target = target["task"]["_target_"] if group == "task" else target["_target_"]
+    return data_kind(get_class(target))
+
+
 def _compatible(task: str, data: str) -> bool:
-    return (task == "segmentation") == (data in SEGMENTATION_DATA)
+    return _kind("task", task) == _kind("data", data)
 
 
 def _assert_refused(overrides, task: str) -> None:
-    """A segmentation task on class-label data, or the reverse: a clear error naming the right groups."""
-    with pytest.raises(ConfigError, match="segmentation" if task == "segmentation" else "task=segmentation only"):
+    """A task on the wrong kind of data: a clear error that names the data groups it can take."""
+    groups = data_groups_of_kind(_kind("task", task))
+    assert groups, task
+    with pytest.raises(ConfigError, match=r"needs .* but the data group's \w+ serves .*: use one of " + re.escape(f"data={groups[0]}")):
         validate_config(_compose(overrides))
+
+
+def test_data_groups_are_offered_by_kind():
+    assert set(data_groups_of_kind("segmentation")) == set(SEGMENTATION_DATA)
+    assert set(data_groups_of_kind("images")) == set(IMAGE_DATA)
 
 
 def _own_data_settings(path: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,26 +100,52 @@ def _check_sizes(cfg: DictConfig) -> list[str]:
     return problems
 
 
+#: what each kind of data holds, for the error that names the data groups a task can take
+DATA_KIND_WORDS = {"images": "images (with class labels, or none)", "segmentation": "segmentation label maps",
+                   "retrieval": "images of classes split into disjoint train and test classes (retrieval)"}
+
+
+def data_kind(obj: Any) -> str:
+    """The kind of data a task needs or a DataModule serves: its ``data_kind`` class attribute
+    (``"images"``, ``"segmentation"``, ``"retrieval"``); classes without one serve or take images."""
+    return getattr(obj, "data_kind", "images")
+
+
+def data_groups_of_kind(kind: str) -> list[str]:
+    """The shipped ``data=`` groups whose DataModule serves ``kind`` (read from the config package)."""
+    from importlib.resources import files
+
+    groups = []
+    for entry in sorted(files("beit_lightning.conf").joinpath("data").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        target = re.search(r"^_target_:\s*(\S+)", entry.read_text(), flags=re.M)
+        try:
+            if target and data_kind(get_object(target.group(1))) == kind:
+                groups.append(entry.name[: -len(".yaml")])
+        except Exception:  # noqa: BLE001 - a group that cannot be imported is not offered
+            continue
+    return groups
+
+
 def _check_task_data(cfg: DictConfig) -> list[str]:
-    """Segmentation needs label maps (a segmentation data group), and the other tasks need images
-    with class labels; a BEiT + UperNet needs four feature blocks."""
+    """Every task says which kind of data it needs (``data_kind``: images, segmentation label maps,
+    retrieval's disjoint class splits) and every DataModule which kind it serves; they must agree.
+    A BEiT + UperNet also needs four feature blocks."""
     task, data = cfg.get("task"), cfg.get("data")
     if task is None or data is None or "_target_" not in task or "_target_" not in data:
         return []
     try:
-        from .data import SegmentationDataModule
-
-        seg_data = issubclass(get_object(data._target_), SegmentationDataModule)
+        needed, served = data_kind(get_object(task._target_)), data_kind(get_object(data._target_))
     except Exception:  # noqa: BLE001 - a wrong _target_ is reported by _check_arguments
         return []
-    seg_task = str(task._target_).endswith("SemanticSegmentation")
-    if seg_task and not seg_data:
-        return [f"task=segmentation needs label maps, but data={data._target_.rsplit('.', 1)[-1]} has class labels: "
-                "use data=generated_segmentation, data=ade20k (data.root=...) or data=ade20k_shards"]
-    if seg_data and not seg_task:
-        return [f"data={data._target_.rsplit('.', 1)[-1]} holds segmentation label maps; it serves task=segmentation "
-                "only: pick another data group (generated, imagefolder, imagenet_shards)"]
-    if seg_task and cfg.get("model") is not None and cfg.model.get("seg_out_indices") is None:
+    task_name, data_name = str(task._target_).rsplit(".", 1)[-1], str(data._target_).rsplit(".", 1)[-1]
+    if needed != served:
+        groups = ", ".join(f"data={g}" for g in data_groups_of_kind(needed))
+        return [f"{task_name} needs {DATA_KIND_WORDS.get(needed, needed)}, but the data group's {data_name} serves "
+                f"{DATA_KIND_WORDS.get(served, served)}: use one of {groups} (and its path, if it reads files), "
+                "or a task for this data"]
+    if needed == "segmentation" and cfg.get("model") is not None and cfg.model.get("seg_out_indices") is None:
         return ["model.seg_out_indices is unset: segmentation takes the outputs of 4 blocks (base: [3, 5, 7, 11]); "
                 "set it (and model.arch.depth for the micro model: experiment=smoke_segmentation does)"]
     return []

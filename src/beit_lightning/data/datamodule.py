@@ -92,6 +92,9 @@ class BeitDataModule(pl.LightningDataModule):
             same draws and distribution, pixels within ~1 level; see ``tests/test_fast_decode.py``).
     """
 
+    #: images with class labels (or none); tasks declare the kind of data they need (cli checks)
+    data_kind = "images"
+
     def __init__(
         self,
         mode: str = "pretrain",

@@ -195,6 +195,8 @@ class SegmentationShardStream(ShardStream):
 class SegmentationDataModule(pl.LightningDataModule):
     """Base DataModule of semantic segmentation: transforms and loaders (see the module docstring).
 
+    Serves ``data_kind = "segmentation"``: label maps, for tasks that declare the same kind.
+
     Args:
         crop_size: side of the training crops (ADE20K: 512; the backbone's ``img_size``).
         img_scale: ``(long, short)`` resize target (ADE20K: (2048, 512)): randomly rescaled by
@@ -213,6 +215,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         mode: only ``None`` or ``"segmentation"``: the classification modes of the image data
             modules do not apply.
     """
+
+    data_kind = "segmentation"
 
     def __init__(
         self,

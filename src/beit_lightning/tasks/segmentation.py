@@ -122,6 +122,9 @@ class SemanticSegmentation(pl.LightningModule):
             exempt from weight decay besides 1-d tensors and biases; empty: the official groups.
     """
 
+    #: the kind of data this task needs (checked against the DataModule's before a run starts)
+    data_kind = "segmentation"
+
     def __init__(
         self,
         model: nn.Module,
