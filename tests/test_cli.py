@@ -43,10 +43,14 @@ def test_every_experiment_composes_and_builds_its_model(experiment, tmp_path):
         assert backbone.patch_embed.img_size[0] == cfg.data.get("input_size", cfg.data.get("crop_size"))
         if "crop_size" in cfg.data:  # segmentation: BEiT + UperNet at the crop size, one output per class
             assert model.decode_head.conv_seg.out_channels == cfg.task.num_classes == model.auxiliary_head.conv_seg.out_channels
-        elif cfg.data.mode == "pretrain":
+        elif cfg.data.get("mode") == "pretrain":
             assert model.vocab_size == cfg.tokenizer.vocab_size
         else:
             assert backbone.num_classes == cfg.task.get("num_classes", 0) or backbone.num_classes == 0
+    elif "generator" in cfg.task:  # GAN training: the ViTGAN pair of model=vitgan_*
+        with torch.device("meta"):
+            generator, discriminator = instantiate(cfg.task.generator), instantiate(cfg.task.discriminator)
+        assert generator.img_size == discriminator.img_size == cfg.data.input_size and cfg.data.mode == "gan"
     else:  # tokenizer training: the tokenizer to train, sized for the data's view
         with torch.device("meta"):
             tokenizer = instantiate(cfg.task.tokenizer)

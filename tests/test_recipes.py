@@ -21,12 +21,15 @@ DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 DATA_PATHS = {"imagefolder": ["data.root=/data/imagenet"],
               "imagenet_shards": ["data.train_urls='/data/in1k/train/shard-{000000..000009}.tar'"],
               "ade20k": ["data.root=/data/ADEChallengeData2016"],
-              "ade20k_shards": ["data.train_urls='/data/ade/train/shard-{000000..000009}.tar'"]}
+              "ade20k_shards": ["data.train_urls='/data/ade/train/shard-{000000..000009}.tar'"],
+              "retrieval_folder": ["data.root=/data/sop_retrieval"]}
 #: data groups of label maps (task=segmentation) and their DataModule classes; the others hold class labels
 SEGMENTATION_DATA = {"generated_segmentation": "GeneratedSegmentationDataModule", "ade20k": "ADE20KDataModule",
                      "ade20k_shards": "SegmentationShardsDataModule"}
 IMAGE_DATA = {"generated": "GeneratedDataModule", "imagefolder": "ImageFolderDataModule",
               "imagenet_shards": "ImageShardsDataModule"}
+#: data groups of disjoint train/test classes (task=retrieval)
+RETRIEVAL_DATA = {"generated_retrieval": "GeneratedRetrievalDataModule", "retrieval_folder": "RetrievalFolderDataModule"}
 USER_PATHS = {"tokenizer.path", "tokenizer.checkpoint", "task.teacher", "task.teacher.checkpoint"}
 
 
@@ -86,7 +89,7 @@ def _assert_composes(cfg, data):
         assert unset <= USER_PATHS, unset
     # the DataModule of the group, and it accepts every key of the composed data config
     cls = get_class(cfg.data._target_)
-    assert cls.__name__ == {**IMAGE_DATA, **SEGMENTATION_DATA}[data]
+    assert cls.__name__ == {**IMAGE_DATA, **SEGMENTATION_DATA, **RETRIEVAL_DATA}[data]
     instantiate(cfg.data)
 
 
@@ -112,6 +115,8 @@ def _assert_refused(overrides, task: str) -> None:
 def test_data_groups_are_offered_by_kind():
     assert set(data_groups_of_kind("segmentation")) == set(SEGMENTATION_DATA)
     assert set(data_groups_of_kind("images")) == set(IMAGE_DATA)
+    assert set(data_groups_of_kind("retrieval")) == set(RETRIEVAL_DATA)
+    assert set(DATA) == {*IMAGE_DATA, *SEGMENTATION_DATA, *RETRIEVAL_DATA}
 
 
 def _own_data_settings(path: Path) -> dict:
@@ -150,7 +155,7 @@ def _task_of(experiment: str) -> str:
 @pytest.mark.parametrize("data", DATA)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_keeps_its_data_settings_on_every_data_group(task, data):
-    model = [] if data.startswith("generated") else ["model=beit_base"]  # the real-data groups are sized for 224px models
+    model = [] if data.startswith("generated") or task == "gan" else ["model=beit_base"]  # real data: 224px models
     if task == "segmentation" and data.startswith("generated"):
         model = ["model=beit_small"]  # the micro model has too few blocks for the four scales
     overrides = [f"task={task}", f"data={data}", *model, *DATA_PATHS.get(data, []), "output_dir=/tmp/x"]
@@ -160,8 +165,11 @@ def test_every_task_keeps_its_data_settings_on_every_data_group(task, data):
     cfg = _compose(overrides)
     _assert_composes(cfg, data)
     own = _own_data_settings(CONF / "task" / f"{task}.yaml")
-    assert own or task == "segmentation", f"task {task} sets no data mode"
+    assert own or task in ("segmentation", "retrieval"), f"task {task} sets no data mode"  # their data groups serve one task
     for key, value in own.items():
+        if isinstance(value, str) and value.startswith("${"):  # an interpolation (e.g. a bl.* resolver)
+            assert OmegaConf.to_container(cfg.data)[key] == value, key
+            continue
         assert _value(cfg, f"data.{key}") == value, key
 
 
@@ -192,3 +200,18 @@ def test_segmentation_variants_differ_from_the_base_recipe_only_in_their_table(v
     listed = {key for key, _, _ in TABLES[variant]}
     differ = {k for k in base.keys() | other.keys() if base.get(k) != other.get(k)}
     assert differ <= listed, sorted(differ - listed)
+
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_vitgan_models_and_task_gan_go_together_and_are_refused_elsewhere(task):
+    """task=gan takes the ViTGAN model groups only, and they serve no other task: a clear error names the way out."""
+    gan_models = [m for m in MODELS if m.startswith("vitgan")]
+    assert gan_models
+    data = "generated_segmentation" if task == "segmentation" else "generated_retrieval" if task == "retrieval" else "generated"
+    for model in (["beit_micro", "vit_micro"] if task == "gan" else gan_models):
+        overrides = [f"task={task}", f"model={model}", f"data={data}", "output_dir=/tmp/x"]
+        with pytest.raises(ConfigError, match="task=gan"):
+            validate_config(_compose(overrides))

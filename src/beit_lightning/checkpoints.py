@@ -34,6 +34,7 @@ from torch import nn
 
 from .models.backbones import fit_state_dict
 from .models.beit import BeitForMaskedImageModeling
+from .models.splitmask import SplitMaskModel
 
 __all__ = [
     "CheckpointMismatchError",
@@ -50,6 +51,10 @@ NEW_HEAD_PREFIXES = ("head.", "fc_norm.")
 
 #: keys that only a masked-image-modeling model has
 MIM_ONLY_PREFIXES = ("mask_token", "lm_head.")
+
+#: pre-training models: a backbone under ``backbone.`` and a pre-training head under ``lm_head.``
+#: (BEiT's linear LM head, or SplitMask's decoder)
+PRETRAINING_MODELS = (BeitForMaskedImageModeling, SplitMaskModel)
 
 #: the parts of a segmentation model around its backbone (BeitUperNet)
 SEGMENTATION_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.")
@@ -286,7 +291,7 @@ def load_checkpoint(
             flat.pop(key)  # the final norm: the segmentation backbone takes block outputs before it
             result.dropped.append(f"{key} (unused: features are taken from inside the backbone)")
         flat = {**{f"backbone.{k}": v for k, v in flat.items()}, **heads}
-    elif isinstance(model, BeitForMaskedImageModeling) and isinstance(model.backbone, Beit):
+    elif isinstance(model, PRETRAINING_MODELS) and isinstance(model.backbone, Beit):
         head = {k: flat.pop(k) for k in list(flat) if k.startswith(MIM_ONLY_PREFIXES)}
         flat = {**{f"backbone.{k}": v for k, v in _adapt_to_beit(flat, model.backbone, result, False).items()}, **head}
     elif isinstance(model, Beit):
@@ -294,17 +299,26 @@ def load_checkpoint(
             flat.pop(key)
             result.dropped.append(key)
         flat = _adapt_to_beit(flat, model, result, norm_to_fc_norm)
-    elif isinstance(model, BeitForMaskedImageModeling) or hasattr(model, "pretrained_cfg"):
+    elif isinstance(model, PRETRAINING_MODELS) or hasattr(model, "pretrained_cfg"):
         # a timm ViT / DeiT / XCiT (or another timm model, e.g. a distillation teacher), or our
         # masked-image-modeling model over one: timm's filter of the family (models/backbones.py)
         flat, dropped, fresh_prefixes = fit_state_dict(flat, model)
         result.dropped += dropped
     else:
         raise TypeError(
-            "load_checkpoint expects a BeitForMaskedImageModeling, a timm model or a segmentation model with a Beit "
+            "load_checkpoint expects a BeitForMaskedImageModeling, a SplitMaskModel, a timm model or a segmentation model with a Beit "
             f"backbone (BeitUperNet); got {type(model).__name__}"
         )
     target_state = model.state_dict()
+    if isinstance(model, PRETRAINING_MODELS):
+        # a head of another pre-training method (BEiT's LM head into SplitMask's decoder, or the
+        # reverse) does not carry over: the encoder does, the head starts fresh
+        foreign = [k for k in flat if k.startswith(MIM_ONLY_PREFIXES) and k not in target_state]
+        if foreign and not any(k.startswith(MIM_ONLY_PREFIXES) and k in target_state for k in flat):
+            for key in foreign:
+                flat.pop(key)
+                result.dropped.append(f"{key} (the head of another pre-training method)")
+            fresh_prefixes = (*fresh_prefixes, *MIM_ONLY_PREFIXES)
 
     to_load = {}
     for key, value in flat.items():

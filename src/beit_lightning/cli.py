@@ -85,7 +85,7 @@ def _check_sizes(cfg: DictConfig) -> list[str]:
                 f"(BEiT masks about 40%, i.e. {round(0.4 * grid * grid)})"
             )
         task_target = str(cfg.get("task", {}).get("_target_", ""))
-        if tok is not None and task_target.endswith("MaskedImageModeling"):
+        if tok is not None and _is_pretraining(task_target):
             tok_size = tok.get("image_size")
             down = _tokenizer_downsample(tok)
             if tok_size is not None and down and tok_size // down != grid:
@@ -151,6 +151,34 @@ def _check_task_data(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _is_pretraining(target: str) -> bool:
+    """Whether a task ``_target_`` is masked image modeling against a tokenizer (BEiT, SplitMask, subclasses)."""
+    from .tasks.pretraining import MaskedImageModeling
+
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - a wrong _target_ is reported by _check_arguments
+        return target.endswith("MaskedImageModeling")
+    return isinstance(obj, type) and issubclass(obj, MaskedImageModeling)
+
+
+def _check_task_model(cfg: DictConfig) -> list[str]:
+    """A ViTGAN model group (a ``generator`` and a ``discriminator``) serves ``task=gan`` only, and
+    ``task=gan`` trains only such a group: say so before an interpolation fails somewhere deeper."""
+    task, model = cfg.get("task"), cfg.get("model")
+    if task is None or model is None or "_target_" not in task:
+        return []
+    gan_task = str(task._target_).endswith("GANTraining")
+    gan_model = "generator" in model and "discriminator" in model
+    if gan_task and not gan_model:
+        return [f"task=gan trains a ViTGAN generator and discriminator, but model={model.get('name')} has neither: "
+                "use model=vitgan_micro or model=vitgan_cifar10"]
+    if gan_model and not gan_task:
+        return [f"model={model.get('name')} is a ViTGAN (a generator and a discriminator): it serves task=gan only; "
+                "pick a BEiT / ViT / DeiT / XCiT model for this task"]
+    return []
+
+
 def _tokenizer_downsample(tok: DictConfig) -> int | None:
     """Pixels per code of the configured tokenizer class (``None`` if it cannot be told)."""
     try:
@@ -177,7 +205,8 @@ def _check_files(cfg: DictConfig) -> list[str]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem of ``cfg``; do nothing when it is sound."""
-    mismatch = _check_task_data(cfg)  # first: other groups' interpolations fail on the wrong kind of data
+    # first: other groups' interpolations fail on the wrong kind of data or model
+    mismatch = _check_task_data(cfg) + _check_task_model(cfg)
     if mismatch:
         raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(mismatch))
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
@@ -245,7 +274,7 @@ def describe_run(cfg: DictConfig, task: Any, datamodule: Any) -> str:
         where = f"{data.num_train} generated images"
     parts.append(f"on {type(datamodule).__name__}" + (f" ({where})" if where else ""))
     tokenizer = getattr(task, "tokenizer", None)
-    if tokenizer is not None and str(cfg.task._target_).endswith("MaskedImageModeling"):
+    if tokenizer is not None and _is_pretraining(str(cfg.task._target_)):
         tok = cfg.get("tokenizer") or {}
         source = tok.get("path") or tok.get("checkpoint") or ("seeded random weights" if "seed" in tok else "as configured")
         parts.append(f"with tokenizer {type(tokenizer).__name__} ({tokenizer.vocab_size} codes, {source})")

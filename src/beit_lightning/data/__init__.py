@@ -8,7 +8,9 @@ from .datamodule import (
     ImageShardsDataModule,
 )
 from .generated import CLASS_NAMES, SEGMENTATION_CLASS_NAMES, GeneratedImages, GeneratedSegmentation
-from .masking import BlockwiseMaskGenerator
+from .masking import BlockwiseMaskGenerator, RandomSplitGenerator
+from .retrieval import GeneratedRetrievalDataModule, RetrievalDataModule, RetrievalFolderDataModule
+from .samplers import ClassBalancedSampler
 from .segmentation import (
     ADE20K_CLASSES,
     ADE20KDataModule,
@@ -39,14 +41,19 @@ __all__ = [
     "BeitDataModule",
     "BeitPretrainTransform",
     "BlockwiseMaskGenerator",
+    "ClassBalancedSampler",
     "ClassificationTransform",
     "EpochLoader",
     "GeneratedDataModule",
     "GeneratedImages",
+    "GeneratedRetrievalDataModule",
     "GeneratedSegmentation",
     "GeneratedSegmentationDataModule",
     "ImageFolderDataModule",
     "ImageShardsDataModule",
+    "RetrievalDataModule",
+    "RetrievalFolderDataModule",
+    "RandomSplitGenerator",
     "SegmentationDataModule",
     "SegmentationEvalTransform",
     "SegmentationShardStream",

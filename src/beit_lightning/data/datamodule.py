@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import patch_auto_augment
 from .generated import CLASS_NAMES
-from .masking import BlockwiseMaskGenerator
+from .masking import BlockwiseMaskGenerator, RandomSplitGenerator
 from .samplers import RepeatedAugmentationSampler
 from .shards import generated_records, list_images, write_shards
 from .streaming import (
@@ -38,9 +38,10 @@ from .streaming import (
     private_generator,
     read_shard_index,
 )
-from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, TokenizerViewTransform
+from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, GanImageTransform, TokenizerViewTransform
 
-MODES = ("pretrain", "finetune", "tokenizer")
+MODES = ("pretrain", "finetune", "tokenizer", "gan")
+MASKINGS = ("blockwise", "split", "split_uniform")
 
 
 class ClassificationTransform:
@@ -67,7 +68,8 @@ class BeitDataModule(pl.LightningDataModule):
 
     Args:
         mode: ``"pretrain"`` (two views + blockwise mask), ``"finetune"`` (one augmented view, timm's
-            transform) or ``"tokenizer"`` (one ``tokenizer_size`` view in [0, 1]).
+            transform), ``"tokenizer"`` (one ``tokenizer_size`` view in [0, 1]) or ``"gan"``
+            (the whole image resized to ``input_size``, flipped with ``hflip``, normalised: GAN training).
         batch_size: per-device batch size.
         num_workers: data-loader worker processes per device.
         input_size: side of the backbone view; must match the model's ``img_size``.
@@ -90,6 +92,10 @@ class BeitDataModule(pl.LightningDataModule):
             distinct images, as DeiT's ``RASampler``). 1: off.
         fast_decode: pre-training views computed the fast way (``BeitPretrainTransform(fast_decode=True)``:
             same draws and distribution, pixels within ~1 level; see ``tests/test_fast_decode.py``).
+        masking: what ``mask`` holds in pre-training: ``"blockwise"`` (BEiT's masked patches),
+            ``"split"`` (SplitMask: half B of a random split, drawn blockwise with
+            :class:`~beit_lightning.data.RandomSplitGenerator`; ``num_masking_patches`` is its size)
+            or ``"split_uniform"`` (a uniformly random half B).
     """
 
     #: images with class labels (or none); tasks declare the kind of data they need (cli checks)
@@ -120,6 +126,7 @@ class BeitDataModule(pl.LightningDataModule):
         mask_exact_count: bool = True,
         repeated_aug: int = 1,
         fast_decode: bool = False,
+        masking: str = "blockwise",
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -135,11 +142,20 @@ class BeitDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.input_size, self.tokenizer_size, self.patch_size = input_size, tokenizer_size, patch_size
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        if masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}; got {masking!r}")
+        self.masking = masking
         if mode == "pretrain":
             grid = input_size // patch_size
-            self.mask_generator = BlockwiseMaskGenerator(
-                (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect, exact=mask_exact_count
-            )
+            if masking == "blockwise":
+                self.mask_generator = BlockwiseMaskGenerator(
+                    (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect, exact=mask_exact_count
+                )
+            else:
+                self.mask_generator = RandomSplitGenerator(
+                    (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect,
+                    blockwise=masking == "split",
+                )
             self.train_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=scale,
                 color_jitter=color_jitter, hflip=hflip, mean=mean, std=std, tokenizer_interpolation=tokenizer_interpolation,
@@ -158,6 +174,13 @@ class BeitDataModule(pl.LightningDataModule):
             self.val_transform = TokenizerViewTransform(
                 tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, interpolation=tokenizer_interpolation
             )
+        elif mode == "gan":  # whole images in [-1, 1] (mean/std 0.5), flips only: tasks.GANTraining
+            self.mask_generator = None
+            self.mean, self.std = tuple(mean), tuple(std)
+            self.train_transform = GanImageTransform(input_size, hflip=hflip, mean=mean, std=std,
+                                                     interpolation=train_interpolation)
+            self.val_transform = GanImageTransform(input_size, hflip=0.0, mean=mean, std=std,
+                                                   interpolation=train_interpolation)
         else:
             self.mask_generator = None
             self.train_transform = ClassificationTransform(

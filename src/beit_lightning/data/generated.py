@@ -6,6 +6,10 @@ orientations, checkerboard, dots) drawn in random colours, positions and sizes o
 background with mild noise. Image ``i`` depends only on ``(seed, i)``, so workers and ranks see
 the same data set.
 
+For image retrieval, :class:`GeneratedRetrievalImages` draws the same structures in a colour of one
+of six hue families: a class is a (structure, hue) pair, and training and test classes are disjoint
+pairs (:func:`retrieval_split`).
+
 For segmentation, :class:`GeneratedSegmentation` draws scenes of a few large textured regions
 with their pixel label maps, in the ADE20K convention (0 = not evaluated).
 """
@@ -26,11 +30,19 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def draw_shape_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """One image of class ``label`` (see :data:`CLASS_NAMES`) at ``size`` x ``size`` pixels."""
-    bg0, bg1, fg = np.array(_colour(rng)), np.array(_colour(rng)), _colour(rng)
-    while np.abs(np.array(fg) - (bg0 + bg1) / 2).sum() < 150:  # keep the structure visible
-        fg = _colour(rng)
+def draw_shape_image(label: int, size: int, rng: np.random.Generator,
+                     colours: tuple[np.ndarray, np.ndarray, tuple[int, int, int]] | None = None) -> Image.Image:
+    """One image of class ``label`` (see :data:`CLASS_NAMES`) at ``size`` x ``size`` pixels.
+
+    ``colours``: ``(background start, background end, foreground)``; drawn from ``rng`` when ``None``
+    (the generated classification data), given by the retrieval data (:func:`draw_retrieval_image`).
+    """
+    if colours is None:
+        bg0, bg1, fg = np.array(_colour(rng)), np.array(_colour(rng)), _colour(rng)
+        while np.abs(np.array(fg) - (bg0 + bg1) / 2).sum() < 150:  # keep the structure visible
+            fg = _colour(rng)
+    else:
+        bg0, bg1, fg = colours
     ramp = np.linspace(0.0, 1.0, size)[:, None, None]
     if rng.random() < 0.5:
         ramp = ramp.transpose(1, 0, 2)
@@ -107,6 +119,67 @@ class GeneratedImages(Dataset):
             raise IndexError(index)
         img = self.image(index)
         return (self.transform(img) if self.transform is not None else img), self.label(index)
+
+
+# --- generated retrieval data ---------------------------------------------------------------------
+#: hue families of the generated retrieval data: a retrieval class is a (structure, hue family) pair
+RETRIEVAL_HUES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+
+
+def retrieval_class_name(label: int) -> str:
+    """``"<hue>_<structure>"`` of a retrieval class: ``label = hue * 10 + structure`` (:data:`CLASS_NAMES`)."""
+    return f"{RETRIEVAL_HUES[label // len(CLASS_NAMES)]}_{CLASS_NAMES[label % len(CLASS_NAMES)]}"
+
+
+def retrieval_split(num_hues: int = len(RETRIEVAL_HUES)) -> tuple[list[int], list[int]]:
+    """(training classes, test classes) of the generated retrieval data: disjoint sets of (structure,
+    hue) pairs, each structure and each hue in both (structure + hue even: training), so that test
+    classes are new combinations of what training saw, as SOP's test products are new products."""
+    if not 2 <= num_hues <= len(RETRIEVAL_HUES):
+        raise ValueError(f"num_hues must be in [2, {len(RETRIEVAL_HUES)}]; got {num_hues}")
+    labels = range(num_hues * len(CLASS_NAMES))
+    train = [c for c in labels if (c // len(CLASS_NAMES) + c % len(CLASS_NAMES)) % 2 == 0]
+    return train, [c for c in labels if c not in set(train)]
+
+
+def draw_retrieval_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """One image of retrieval class ``label``: structure ``label % 10`` (:func:`draw_shape_image`)
+    in a foreground colour of hue family ``label // 10`` (:data:`RETRIEVAL_HUES`: hue within a sixth
+    of the family's centre, saturation 0.6-1, value 0.7-1) on a random gradient background."""
+    import colorsys
+
+    family = label // len(CLASS_NAMES)
+    hue = (family + rng.uniform(-0.25, 0.25)) / len(RETRIEVAL_HUES) % 1.0
+    fg = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)))
+    bg0, bg1 = np.array(_colour(rng)), np.array(_colour(rng))
+    while np.abs(np.array(fg) - (bg0 + bg1) / 2).sum() < 150:  # keep the structure visible
+        bg0, bg1 = np.array(_colour(rng)), np.array(_colour(rng))
+    return draw_shape_image(label % len(CLASS_NAMES), size, rng, colours=(bg0, bg1, fg))
+
+
+class GeneratedRetrievalImages(Dataset):
+    """``images_per_class`` images of each of ``classes`` (retrieval labels, see
+    :func:`retrieval_split`), deterministic in ``(seed, index)``; returns ``(PIL image, label)``.
+    Sample ``i`` is of class ``classes[i % len(classes)]``."""
+
+    def __init__(self, classes: list[int], images_per_class: int, image_size: int = 32, seed: int = 0) -> None:
+        if not classes or images_per_class < 1 or image_size < 8:
+            raise ValueError(f"need classes, images_per_class >= 1 and image_size >= 8; got {classes}, "
+                             f"{images_per_class}, {image_size}")
+        self.class_ids, self.images_per_class, self.image_size, self.seed = list(classes), images_per_class, image_size, seed
+        self.classes = [retrieval_class_name(c) for c in self.class_ids]
+
+    def __len__(self) -> int:
+        return len(self.class_ids) * self.images_per_class
+
+    def label(self, index: int) -> int:
+        return self.class_ids[index % len(self.class_ids)]
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        return draw_retrieval_image(self.label(index), self.image_size, rng), self.label(index)
 
 
 # --- generated segmentation data ------------------------------------------------------------------

@@ -152,3 +152,74 @@ class BlockwiseMaskGenerator:
         if self.exact and count < self.num_masking_patches:
             self._grow(mask, self.num_masking_patches - count, rng)
         return torch.from_numpy(mask)
+
+
+class RandomSplitGenerator:
+    """Draw SplitMask's random split of the patches into two disjoint halves (El-Nouby et al.,
+    arXiv 2112.10740, section 5.5): a mask and its complement. Calling it returns a ``torch.bool``
+    grid of ``input_size``, ``True`` on half B; half A is the rest, so the two halves are disjoint
+    and cover every patch by construction. The same interface as :class:`BlockwiseMaskGenerator`,
+    so :class:`~beit_lightning.data.BeitPretrainTransform` draws it in the data workers, from the
+    same per-worker, per-rank seeded generators.
+
+    Args:
+        input_size: the patch grid, ``int`` for square or ``(height, width)``.
+        num_masking_patches: patches in half B; ``None``: half of the grid, rounded down (the
+            paper's 50%). Every split has exactly this many, so halves batch.
+        min_num_patches, max_num_patches, min_aspect, max_aspect: blockwise drawing of half B as
+            BEiT's masking (the paper: blocks of 16 to 75 patches).
+        blockwise: ``True``: half B is BEiT's blockwise mask, topped up to the exact count at block
+            borders (:class:`BlockwiseMaskGenerator` with ``exact=True``); ``False``: a uniform random
+            subset (the paper's "uniform masking" for its smallest data sets).
+        seed: seed of a private random stream (``None``: the global ``random`` module).
+    """
+
+    def __init__(
+        self,
+        input_size: int | Sequence[int],
+        num_masking_patches: int | None = None,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = 75,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        *,
+        blockwise: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+        total = size[0] * size[1] if len(size) == 2 else 0
+        count = total // 2 if num_masking_patches is None else int(num_masking_patches)
+        if not 0 < count < total:
+            raise ValueError(
+                f"a split needs patches in both halves: num_masking_patches={count} on a grid of {total} patches; "
+                f"choose 1..{total - 1} (null: half, {total // 2})"
+            )
+        if max_num_patches is not None:
+            max_num_patches = max(int(max_num_patches), int(min_num_patches))
+        self.blocks = BlockwiseMaskGenerator(size, count, min(min_num_patches, count), max_num_patches, min_aspect,
+                                             max_aspect, exact=True, seed=seed)
+        self.blockwise = bool(blockwise)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.blocks.input_size
+
+    @property
+    def num_masking_patches(self) -> int:
+        return self.blocks.num_masking_patches
+
+    def seed(self, seed: int) -> None:
+        """Give the generator a private random stream (e.g. per worker and rank)."""
+        self.blocks.seed(seed)
+
+    def __repr__(self) -> str:
+        kind = "blockwise" if self.blockwise else "uniform"
+        return f"{type(self).__name__}(input_size={self.input_size}, half_b={self.num_masking_patches}, {kind})"
+
+    def __call__(self) -> torch.Tensor:
+        if self.blockwise:
+            return self.blocks()
+        rng = self.blocks._rng if self.blocks._rng is not None else random
+        mask = np.zeros(self.blocks.num_patches, dtype=bool)
+        mask[rng.sample(range(self.blocks.num_patches), self.num_masking_patches)] = True
+        return torch.from_numpy(mask.reshape(self.input_size))

@@ -1,20 +1,25 @@
-"""Repeated augmentation for map-style data sets (image folders), as DeiT's ``RASampler``.
+"""Samplers for map-style data sets (image folders, generated retrieval data).
 
-Shard streams repeat samples themselves (:class:`~beit_lightning.data.ShardStream`'s ``repeats``);
-a map-style data set needs a sampler. This one is a ``DistributedSampler``, so Lightning keeps it
-(it replaces only plain samplers) and calls its ``set_epoch``.
+* :class:`RepeatedAugmentationSampler`: repeated augmentation, as DeiT's ``RASampler``. Shard
+  streams repeat samples themselves (:class:`~beit_lightning.data.ShardStream`'s ``repeats``); a
+  map-style data set needs a sampler.
+* :class:`ClassBalancedSampler`: batches of ``batch_size / m`` classes with ``m`` images each, the
+  batches of metric learning (image retrieval).
+
+Both are ``DistributedSampler`` subclasses, so Lightning keeps them under DDP (it replaces only
+plain samplers) and calls their ``set_epoch``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["RepeatedAugmentationSampler"]
+__all__ = ["ClassBalancedSampler", "RepeatedAugmentationSampler"]
 
 
 class RepeatedAugmentationSampler(DistributedSampler):
@@ -55,3 +60,102 @@ class RepeatedAugmentationSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return min(self.num_selected, self.num_samples)
+
+
+class ClassBalancedSampler(DistributedSampler):
+    """Class-balanced batches for metric learning: each batch holds ``batch_size // m`` different
+    classes with ``m`` images of each, so every anchor has ``m - 1`` positives in its batch.
+
+    Each epoch, from a generator seeded by ``(seed, epoch)``: every class's images are shuffled and
+    cut into groups of ``m`` (a class's last group, or a class with fewer than ``m`` images, is
+    filled up with other images of the class drawn at random); all groups are shuffled; batches are
+    filled with groups in that order, a group whose class is already in the batch waiting for the
+    next one. An epoch so sees every image about once. The batches are dealt round-robin to the
+    ranks (rank ``r`` gets batches ``r, r + W, ...``), every rank the same number, so each rank
+    trains on its own batches. The sampler yields the batches' indices one after the other: a
+    ``DataLoader(batch_size=batch_size, drop_last=True)`` over it cuts exactly these batches.
+
+    The order is a function of ``(seed, epoch, labels, world size)`` only. A run resumed in the
+    middle of an epoch restarts that epoch's order from its first batch (the data position of a
+    map-style loader is not saved; shard streams resume exactly).
+
+    Args:
+        labels: the class of every sample of the data set (index = sample index).
+        batch_size: samples per batch per rank; a multiple of ``samples_per_class``.
+        samples_per_class: ``m``, images of one class in a batch (>= 2 to have positives).
+        seed: seed of the order.
+        num_replicas, rank: the data-parallel group; by default read from ``torch.distributed``
+            when it is initialised, else one process.
+    """
+
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, samples_per_class: int = 2, seed: int = 0,
+        num_replicas: int | None = None, rank: int | None = None,
+    ) -> None:
+        initialised = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialised else 1
+        if rank is None:
+            rank = dist.get_rank() if initialised else 0
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        super().__init__(range(len(self.labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        m = int(samples_per_class)
+        if m < 1 or batch_size < m or batch_size % m:
+            raise ValueError(
+                f"batch_size={batch_size} must be a positive multiple of samples_per_class={samples_per_class} "
+                "(e.g. 64 and 2: 32 classes of 2 images per batch)"
+            )
+        self.batch_size, self.samples_per_class = int(batch_size), m
+        self.classes = torch.unique(self.labels)
+        self.classes_per_batch = batch_size // m
+        if len(self.classes) < self.classes_per_batch:
+            raise ValueError(
+                f"a batch of {batch_size} with {m} images per class needs {self.classes_per_batch} classes, but the "
+                f"data has {len(self.classes)}: lower data.batch_size or raise data.samples_per_class"
+            )
+        self._members = [torch.nonzero(self.labels == c).flatten() for c in self.classes]
+        groups = sum(math.ceil(len(members) / m) for members in self._members)
+        self.batches_per_rank = groups // self.classes_per_batch // num_replicas
+        if self.batches_per_rank < 1:
+            raise ValueError(
+                f"{len(self.labels)} images make fewer than {num_replicas} class-balanced batches of {batch_size}: "
+                "lower data.batch_size or use fewer devices"
+            )
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of the current epoch (lists of sample indices)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        m = self.samples_per_class
+        groups: list[tuple[int, list[int]]] = []
+        for c, members in enumerate(self._members):
+            order = members[torch.randperm(len(members), generator=generator)].tolist()
+            short = -len(order) % m
+            if short:
+                order += members[torch.randint(len(members), (short,), generator=generator)].tolist()
+            groups += [(c, order[i : i + m]) for i in range(0, len(order), m)]
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        batches, current, classes, waiting = [], [], set(), []
+        for group in groups:
+            pending = [*waiting, group]
+            waiting = []
+            for c, members in pending:
+                if c in classes:
+                    waiting.append((c, members))
+                    continue
+                current += members
+                classes.add(c)
+                if len(classes) == self.classes_per_batch:
+                    batches.append(current)
+                    current, classes = [], set()
+        total = self.batches_per_rank * self.num_replicas
+        if not batches:
+            raise RuntimeError("no class-balanced batch could be formed: the data has too few classes for the batch")
+        for i in range(total - len(batches)):  # groups left waiting at the end (few classes): repeat the first batches
+            batches.append(batches[i % len(batches)])
+        return batches[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for batch in self.batches() for i in batch])
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.batch_size

@@ -145,7 +145,8 @@ class BeitPretrainTransform:
     Args:
         input_size: side of the backbone view (224).
         tokenizer_size: side of the tokenizer view (112 for DALL-E on a 14x14 grid).
-        mask_generator: draws the blockwise mask; ``None`` leaves ``mask`` out.
+        mask_generator: draws the blockwise mask (or SplitMask's split: any callable returning a
+            boolean patch grid); ``None`` leaves ``mask`` out.
         scale, ratio: random-resized-crop ranges (torchvision's defaults, as in BEiT).
         color_jitter: brightness/contrast/saturation strength (0.4); 0 disables.
         hflip: probability of a horizontal flip.
@@ -265,3 +266,26 @@ class TokenizerViewTransform:
         top, left, height, width = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
         view = TF.resized_crop(img, top, left, height, width, [self.size] * 2, self.interpolation)
         return {"tokenizer_image": TF.to_tensor(view)}
+
+
+class GanImageTransform:
+    """PIL image -> ``{"image"}`` for GAN training (``mode="gan"``): an optional horizontal flip,
+    a resize of the whole image to ``size`` (no crop, no colour change: the generator must learn
+    the data as it is), then normalised with ``mean``/``std`` (0.5/0.5 puts it in [-1, 1], the
+    range GAN tasks expect). ViTGAN's CIFAR-10 uses flips only (official ``cifar10_hflip``)."""
+
+    def __init__(self, size: int = 32, hflip: float = 0.5, mean: Sequence[float] = BEIT_MEAN,
+                 std: Sequence[float] = BEIT_STD, interpolation: str = "bicubic") -> None:
+        self.size, self.hflip, self.mean, self.std = int(size), float(hflip), tuple(mean), tuple(std)
+        self.interpolation = _interpolation(interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, hflip={self.hflip}, mean={self.mean}, std={self.std})"
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = img.convert("RGB")
+        if self.hflip and torch.rand(()) < self.hflip:
+            img = TF.hflip(img)
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), _PIL_RESAMPLE[self.interpolation])
+        return {"image": TF.normalize(TF.to_tensor(img), self.mean, self.std)}

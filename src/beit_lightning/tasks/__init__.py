@@ -1,10 +1,13 @@
 """LightningModules, one per training task."""
 
 from .classification import ImageClassification
+from .gan import GANTraining
 from .linear_probe import LinearProbe
 from .pretraining import MaskedImageModeling, NonFiniteLossError
+from .retrieval import ImageRetrieval, RecallAtK
 from .segmentation import SemanticSegmentation
+from .splitmask import SplitMaskPretraining
 from .tokenizer import TokenizerTraining
 
-__all__ = ["ImageClassification", "LinearProbe", "MaskedImageModeling", "NonFiniteLossError", "SemanticSegmentation",
-           "TokenizerTraining"]
+__all__ = ["GANTraining", "ImageClassification", "ImageRetrieval", "RecallAtK", "LinearProbe", "MaskedImageModeling", "NonFiniteLossError", "SemanticSegmentation",
+           "SplitMaskPretraining", "TokenizerTraining"]
