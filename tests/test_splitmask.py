@@ -273,6 +273,66 @@ def test_init_checkpoint_into_splitmask_and_between_pretraining_methods():
     assert torch.equal(beit.backbone.blocks[0].mlp.fc1.weight, source.backbone.blocks[0].mlp.fc1.weight)
 
 
+DDP_SCRIPT = """
+import sys
+import pytorch_lightning as pl
+import torch
+sys.path.insert(0, sys.argv[2])  # the tests folder: conftest's ColourTokenizer, this file's FixedSplitBatches
+from conftest import ColourTokenizer
+from test_splitmask import FixedSplitBatches
+from beit_lightning.models import SplitMaskModel
+from beit_lightning.strategies import end_distributed
+from beit_lightning.tasks import SplitMaskPretraining
+from torch.utils.data import DataLoader
+
+class RecordGradients(SplitMaskPretraining):
+    def on_after_backward(self):  # DDP has averaged the gradients over the ranks here
+        if self.global_step == 0 and self.trainer.is_global_zero:
+            torch.save({k: p.grad.clone() for k, p in self.named_parameters() if p.grad is not None}, sys.argv[1] + ".grads")
+
+torch.manual_seed(0)
+task = RecordGradients(SplitMaskModel("beit_lightning_micro_patch8_32", vocab_size=64, img_size=32, drop_path_rate=0.0),
+                       ColourTokenizer(), warmup_steps=1, check_finite_loss=False)
+if int(__import__("os").environ.get("LOCAL_RANK", 0)) == 0:
+    torch.save(task.state_dict(), sys.argv[1] + ".init")
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+trainer.fit(task, DataLoader(FixedSplitBatches(8), batch_size=4, shuffle=False))
+end_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_negatives_gathered_over_two_ddp_processes_give_the_gradients_of_the_whole_batch(tmp_path):
+    """Two CPU processes of 4 images each, negatives gathered across them with gradients
+    (``all_gather(sync_grads=True)``): DDP's averaged gradients equal those of one process on all 8
+    images, whose InfoNCE has every other image as a negative. Without the gradient through the
+    gathered keys, or with the wrong positive offset, they differ."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_splitmask.py"
+    script.write_text(DDP_SCRIPT)
+    out = str(tmp_path / "run")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), out, str(Path(__file__).parent)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp_grads = torch.load(out + ".grads", weights_only=True)
+
+    task = SplitMaskPretraining(SplitMaskModel(MICRO, vocab_size=64, img_size=32, drop_path_rate=0.0), ColourTokenizer())
+    task.load_state_dict(torch.load(out + ".init", weights_only=True))
+    batch = next(iter(DataLoader(FixedSplitBatches(8), batch_size=8)))  # the two ranks' images together
+    task.train()
+    task._split_step(batch)["loss"].backward()
+    grads = {k: p.grad for k, p in task.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ddp_grads)
+    for key, grad in grads.items():
+        torch.testing.assert_close(ddp_grads[key], grad, atol=2e-5, rtol=1e-3, msg=key)
+
+
 # --- the shipped configs ---------------------------------------------------------------------------
 def _compose(overrides):
     with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
