@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from beit_lightning.checkpoints import load_checkpoint
@@ -271,6 +272,29 @@ def test_init_checkpoint_into_splitmask_and_between_pretraining_methods():
     assert not result.missing and not result.unexpected
     assert set(result.initialised) >= {"lm_head.weight", "mask_token"}
     assert torch.equal(beit.backbone.blocks[0].mlp.fc1.weight, source.backbone.blocks[0].mlp.fc1.weight)
+
+
+def test_the_encoder_exports_to_timm_like_a_beit_encoder(tmp_path):
+    """``export_timm`` of a SplitMask model (BEiT encoder) and of its Lightning checkpoint: timm loads
+    the file with no missing key, and its features equal the encoder's on all patches."""
+    import timm
+
+    from beit_lightning.checkpoints import export_timm
+
+    torch.manual_seed(0)
+    model = _model().eval()
+    path = tmp_path / "splitmask_timm.pth"
+    export_timm(model, path)
+    timm_model = timm.create_model(MICRO, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=0,
+                                   img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    final_norm, model.backbone.norm = model.backbone.norm, nn.Identity()  # timm's pooled model: norm -> fc_norm
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.forward_features(x), model.backbone.forward_features(x), atol=1e-5, rtol=1e-4)
+    assert torch.equal(timm_model.fc_norm.weight, final_norm.weight)
+    export_timm({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "from_ckpt.pth",
+                model_name=MICRO, img_size=32)
+    assert torch.load(tmp_path / "from_ckpt.pth", weights_only=True).keys() == torch.load(path, weights_only=True).keys()
 
 
 DDP_SCRIPT = """

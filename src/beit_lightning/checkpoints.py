@@ -355,8 +355,8 @@ def export_timm(
     position tables, mean pooling with ``fc_norm``), loadable with
     ``timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
 
-    ``model`` is a :class:`BeitForMaskedImageModeling` (a pre-trained encoder: its final norm
-    becomes ``fc_norm``, no head; create the timm model with ``num_classes=0`` or your own),
+    ``model`` is a :class:`BeitForMaskedImageModeling` or a :class:`SplitMaskModel` with a BEiT
+    encoder (a pre-trained encoder: its final norm becomes ``fc_norm``, no head; create the timm model with ``num_classes=0`` or your own),
     a timm ``Beit`` classifier, or any checkpoint :func:`load_checkpoint` reads. ``.safetensors``
     paths are written with safetensors, others with ``torch.save``. Returns the state dict.
     """
@@ -369,7 +369,7 @@ def export_timm(
             num_classes = int(flat["head.weight"].shape[0]) if "head.weight" in flat else 0
     else:
         source = model.state_dict()
-        backbone = model.backbone if isinstance(model, BeitForMaskedImageModeling) else model
+        backbone = model.backbone if isinstance(model, PRETRAINING_MODELS) else model
         if not isinstance(backbone, Beit):
             raise TypeError(f"export_timm expects a BEiT model; got {type(model).__name__}")
         model_name = model_name or backbone.pretrained_cfg.get("architecture")
