@@ -216,6 +216,14 @@ def layer_decay_param_groups(
     return list(groups.values())
 
 
+def decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """The fine-tuning tasks' groups: :func:`layer_decay_param_groups` when ``layer_decay`` is below
+    1, else the two groups of :func:`param_groups` (official weight-decay exemptions in both)."""
+    if layer_decay is not None and layer_decay < 1.0:
+        return layer_decay_param_groups(model, weight_decay, layer_decay)
+    return param_groups(model, weight_decay)
+
+
 def poly_schedule(
     step: int, total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6, power: float = 1.0, min_ratio: float = 0.0
 ) -> float:

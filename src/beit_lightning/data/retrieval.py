@@ -32,11 +32,9 @@ from .datamodule import ImageFiles
 from .generated import GeneratedRetrievalImages, retrieval_split
 from .samplers import ClassBalancedSampler
 from .streaming import SharedCounter, private_generator
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, _interpolation
 
 __all__ = ["GeneratedRetrievalDataModule", "RetrievalDataModule", "RetrievalFolderDataModule"]
-
-_INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
 class RetrievalSamples(Dataset):
@@ -76,7 +74,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         resize_size: images are first resized to this square side (paper: 256 for 224 crops); ``None``:
             ``round(input_size * 256 / 224)``, the paper's ratio at any input size.
         hflip: probability of a horizontal flip in training.
-        interpolation: ``"bilinear"`` or ``"bicubic"`` resizing.
+        interpolation: the resizing filter (``"bilinear"``, ``"bicubic"``, ``"lanczos"``, ``"nearest"``).
         mean, std: normalisation (ImageNet's for ImageNet pre-trained DeiT weights).
         seed: seed of the class-balanced order (per epoch).
     """
@@ -107,13 +105,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         resize_size = round(input_size * 256 / 224) if resize_size is None else resize_size
         if resize_size < input_size:
             raise ValueError(f"resize_size={resize_size} must be at least input_size={input_size}")
-        if interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}; got {interpolation!r}")
         self.batch_size, self.samples_per_class, self.eval_batch_size = batch_size, samples_per_class, eval_batch_size
         self.num_workers, self.input_size, self.seed = num_workers, input_size, seed
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        resize = T.Resize((resize_size, resize_size), interpolation=_INTERPOLATION[interpolation])
+        resize = T.Resize((resize_size, resize_size), interpolation=_interpolation(interpolation))
         normalise = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         self.train_transform = T.Compose([resize, T.RandomCrop(input_size), T.RandomHorizontalFlip(hflip), *normalise])
         self.eval_transform = T.Compose([resize, T.CenterCrop(input_size), *normalise])

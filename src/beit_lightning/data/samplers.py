@@ -22,6 +22,17 @@ from torch.utils.data import Dataset, DistributedSampler
 __all__ = ["ClassBalancedSampler", "RepeatedAugmentationSampler"]
 
 
+def data_parallel_group(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(world size, rank)``: the given values, else ``torch.distributed``'s when it is initialised
+    (at call time: Lightning creates the group after the DataModule), else one process."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    return num_replicas, rank
+
+
 class RepeatedAugmentationSampler(DistributedSampler):
     """Each epoch: a permutation seeded by ``(seed, epoch)``, every index repeated ``repeats``
     times in a row, dealt round-robin to the ranks (so the copies of an image go to different
@@ -39,11 +50,7 @@ class RepeatedAugmentationSampler(DistributedSampler):
     def __init__(
         self, dataset: Dataset, repeats: int = 3, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
     ) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
+        num_replicas, rank = data_parallel_group(num_replicas, rank)
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.repeats = int(repeats)
         n = len(dataset)
@@ -92,11 +99,7 @@ class ClassBalancedSampler(DistributedSampler):
         self, labels: Sequence[int], batch_size: int, samples_per_class: int = 2, seed: int = 0,
         num_replicas: int | None = None, rank: int | None = None,
     ) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
+        num_replicas, rank = data_parallel_group(num_replicas, rank)
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         super().__init__(range(len(self.labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         m = int(samples_per_class)

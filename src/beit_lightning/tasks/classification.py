@@ -35,7 +35,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models.distillation import DISTILLATION_TYPES, SOFT_REDUCTIONS, distillation_loss
-from ..optim import configure_adamw_cosine, layer_decay_param_groups, param_groups
+from ..optim import configure_adamw_cosine, decay_param_groups
 
 __all__ = ["ImageClassification"]
 
@@ -222,10 +222,7 @@ class ImageClassification(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        if hp.layer_decay is not None and hp.layer_decay < 1.0:
-            groups = layer_decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
-        else:
-            groups = param_groups(self.model, hp.weight_decay)
+        groups = decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
         return configure_adamw_cosine(
             self.trainer, groups, hp.lr, hp.min_lr, hp.betas, hp.warmup_epochs, hp.warmup_steps, hp.lr_base_batch,
             interval=hp.schedule_interval, warmup_lr=hp.warmup_lr, warmup_prefix=hp.warmup_prefix,

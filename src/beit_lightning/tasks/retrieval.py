@@ -25,7 +25,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..models.retrieval import CrossBatchMemory, contrastive_loss, koleo_loss, recall_at_k
-from ..optim import configure_adamw_cosine, layer_decay_param_groups, param_groups
+from ..optim import configure_adamw_cosine, decay_param_groups
 
 __all__ = ["ImageRetrieval", "RecallAtK"]
 
@@ -197,10 +197,7 @@ class ImageRetrieval(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        if hp.layer_decay is not None and hp.layer_decay < 1.0:
-            groups = layer_decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
-        else:
-            groups = param_groups(self.model, hp.weight_decay)
+        groups = decay_param_groups(self.model, hp.weight_decay, hp.layer_decay)
         min_lr = hp.lr if hp.min_lr is None else hp.min_lr
         return configure_adamw_cosine(self.trainer, groups, hp.lr, min_lr, hp.betas, warmup_steps=hp.warmup_steps,
                                       lr_base_batch=hp.lr_base_batch)
