@@ -38,11 +38,13 @@ def _assert_same_training_state(a_path: Path, b_path: Path) -> None:
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys() and len(sa) > 0
-    for index, state in sa.items():
-        for name, value in state.items():
-            assert torch.equal(value, sb[index][name]), (index, name)
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"])
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):  # GAN training: two
+        sa, sb = opt_a["state"], opt_b["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for index, state in sa.items():
+            for name, value in state.items():
+                assert torch.equal(value, sb[index][name]), (index, name)
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
@@ -63,7 +65,7 @@ def _shards(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["generated", "shards", "accumulation", "segmentation"])
+@pytest.mark.parametrize("source", ["generated", "shards", "accumulation", "segmentation", "splitmask", "gan"])
 def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, source):
     args, kill_at, epoch_end = list(RUN), 10, "epoch001-step0000016.ckpt"  # step 10: batch 2 of epoch 1
     if source == "shards":
@@ -72,6 +74,13 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, s
     if source == "segmentation":  # BEiT + UperNet on generated segmentation shards: 128 / 16 = 8 steps per epoch
         args = [a for a in COMMON if not a.startswith("experiment=")]
         args = ["experiment=smoke_segmentation", *args, "data.num_train=128", "data.num_val=8"]
+    if source == "splitmask":  # SplitMask pre-training: the split drawn in the data workers, two losses
+        args = ["experiment=smoke_splitmask", *[a for a in RUN if not a.startswith("experiment=")]]
+    if source == "gan":  # ViTGAN, manual optimisation: two optimiser steps per batch, 16 per epoch; latents,
+        # DiffAugment and the EMA generator must all continue exactly (step 10: batch 5 of epoch 0)
+        args = ["experiment=smoke_vitgan", *[a for a in RUN if not a.startswith("experiment=")],
+                "trainer.check_val_every_n_epoch=1", "trainer.max_steps=-1"]
+        kill_at, epoch_end = 10, "epoch000-step0000016.ckpt"
     if source == "accumulation":  # 7 batches per epoch, 2 per step: 4 steps per epoch (the last of 1 batch)
         args, kill_at, epoch_end = [*COMMON, "data.num_train=224", "data.num_val=32", "trainer.accumulate_grad_batches=2"], \
             5, "epoch001-step0000008.ckpt"  # step 5: batches 0-1 of epoch 1
