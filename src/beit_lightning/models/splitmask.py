@@ -225,9 +225,13 @@ class SplitMaskModel(nn.Module):
     def encode(self, pixel_values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Encode the patches at the flat positions ``keep`` (``B x k``) only: ``B x (P + k) x D``
         after the final norm, the ``P`` prefix tokens (class token) first."""
+        return self._encode_embedded(*self._prefix_and_patches(pixel_values), keep)
+
+    def _encode_embedded(self, prefix: torch.Tensor, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` from the embeddings of :meth:`_prefix_and_patches` (both halves of an image
+        share one patch embedding)."""
         bb = self.backbone
-        prefix, x = self._prefix_and_patches(pixel_values)
-        x = torch.cat((prefix, _gather(x, keep)), dim=1)
+        x = torch.cat((prefix, _gather(patches, keep)), dim=1)
         x = bb.pos_drop(x)
         if self.family == "vit":
             x = bb.norm_pre(x)
@@ -248,10 +252,12 @@ class SplitMaskModel(nn.Module):
         patches, from the encodings of half A / half B)."""
         idx_a, idx_b = split_indices(mask)
         prefix = self.num_prefix_tokens
+        embedded = self._prefix_and_patches(pixel_values)  # one patch embedding for both halves
         if idx_a.shape[1] == idx_b.shape[1]:  # one encoder pass over both halves
-            enc_a, enc_b = self.encode(pixel_values.repeat(2, 1, 1, 1), torch.cat((idx_a, idx_b))).chunk(2)
+            both = [t.repeat(2, 1, 1) for t in embedded]
+            enc_a, enc_b = self._encode_embedded(*both, torch.cat((idx_a, idx_b))).chunk(2)
         else:
-            enc_a, enc_b = self.encode(pixel_values, idx_a), self.encode(pixel_values, idx_b)
+            enc_a, enc_b = self._encode_embedded(*embedded, idx_a), self._encode_embedded(*embedded, idx_b)
         if idx_a.shape[1] == idx_b.shape[1]:  # one decoder pass over both directions
             decoded_a, decoded_b = self.lm_head(torch.cat((enc_a[:, :1], enc_b[:, :1])),
                                                 torch.cat((enc_a[:, prefix:], enc_b[:, prefix:])),
