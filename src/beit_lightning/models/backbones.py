@@ -41,7 +41,7 @@ __all__ = [
 
 #: the supported families and the timm modules that define their models
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "beit": ("beit",),
+    "beit": ("beit", "timm_sizes"),  # timm_sizes: our beit_lightning_* registrations
     "vit": ("vision_transformer", "deit"),
     "xcit": ("xcit",),
 }
@@ -54,7 +54,7 @@ _CLS_ATTN_BLOCK = re.compile(r"^cls_attn_blocks\.(\d+)\.")
 
 def family_of_name(model_name: str) -> str | None:
     """The family of a timm model name (``None``: not one of :data:`FAMILIES`)."""
-    import beit_lightning.models.beit  # noqa: F401 - registers the beit_lightning_* names
+    import beit_lightning.models.timm_sizes  # noqa: F401 - registers the beit_lightning_* names
 
     for family, modules in FAMILIES.items():
         if timm.models.is_model_in_modules(model_name, list(modules)):

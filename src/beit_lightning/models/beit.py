@@ -7,8 +7,8 @@ fine-tuning code can use it directly. This module adds only what pre-training ne
 mask token that replaces masked patch embeddings, and the LM head that predicts visual tokens,
 run on masked positions only. With a ``Beit`` it is the official BEiT model exactly.
 
-It also registers BEiT sizes that timm does not ship (``beit_lightning_{micro,tiny,small}_*``)
-under names that cannot collide with timm's own ``beit_*`` models.
+The BEiT sizes timm does not ship (``beit_lightning_{micro,tiny,small}_*``) are registered in
+:mod:`beit_lightning.models.timm_sizes`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import timm
 import torch
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
 from .backbones import FAMILIES, backbone_family, family_of_name
+from .timm_sizes import TIMM_SIZES  # noqa: F401 - importing registers the beit_lightning_* timm names
 
 __all__ = ["BeitForMaskedImageModeling", "MIM_BACKBONE_DEFAULTS", "PRETRAIN_BACKBONE_DEFAULTS", "beit_init_"]
 
@@ -272,65 +271,3 @@ class BeitForMaskedImageModeling(nn.Module):
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         patch_tokens = self.forward_features(pixel_values, bool_masked_pos)[:, self.num_prefix_tokens:]
         return self.lm_head(patch_tokens[bool_masked_pos.flatten(1)])
-
-
-# --- timm registrations for sizes timm lacks -------------------------------------------------
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
-_SIZES: dict[str, dict[str, Any]] = {
-    # A minute model for tests and the demo: 32px-64px images, 8px patches.
-    "beit_lightning_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
-    # DeiT-Ti and DeiT-S sizes with BEiT's block (relative position bias, layer scale).
-    "beit_lightning_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "beit_lightning_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-}
-
-default_cfgs = generate_default_cfgs(
-    {
-        "beit_lightning_micro_patch8_32.untrained": _cfg(input_size=(3, 32, 32), num_classes=10),
-        "beit_lightning_tiny_patch16_224.untrained": _cfg(),
-        "beit_lightning_small_patch16_224.untrained": _cfg(),
-    }
-)
-
-
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> Beit:
-    args = dict(mlp_ratio=4, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)
-    args.update(_SIZES[variant])
-    args.update(kwargs)
-    return build_model_with_cfg(Beit, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
-
-
-@register_model
-def beit_lightning_micro_patch8_32(pretrained: bool = False, **kwargs: Any) -> Beit:
-    """BEiT, 64-d, 2 blocks, 2 heads, 32px images with 8px patches (tests and the demo)."""
-    return _create("beit_lightning_micro_patch8_32", pretrained, **kwargs)
-
-
-@register_model
-def beit_lightning_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> Beit:
-    """BEiT at DeiT-Tiny size: 192-d, 12 blocks, 3 heads."""
-    return _create("beit_lightning_tiny_patch16_224", pretrained, **kwargs)
-
-
-@register_model
-def beit_lightning_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> Beit:
-    """BEiT at DeiT-Small size: 384-d, 12 blocks, 6 heads."""
-    return _create("beit_lightning_small_patch16_224", pretrained, **kwargs)
-
