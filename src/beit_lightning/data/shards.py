@@ -33,6 +33,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
+from .class_names import ADE20K_CLASSES
+
 __all__ = [
     "ShardRecord", "ShardSummary", "folder_records", "generated_records", "generated_segmentation_records", "list_images",
     "list_segmentation_pairs", "main", "segmentation_records", "write_shards",
@@ -394,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.segmentation:
         if args.max_side is not None or args.unlabeled:
             parser.error("--max-side and --unlabeled do not apply to --segmentation")
-        from .segmentation import ADE20K_CLASSES
-
         records, count = segmentation_records(args.src, args.split, seed=args.seed, workers=args.workers, skipped=skipped,
                                               progress=not args.quiet)
         classes = list(ADE20K_CLASSES)
