@@ -14,6 +14,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 DEMO_DIR ?= outputs/demo
+# benchmarks/gpu_pretrain.py: cuda for the real sizes (BEiT-B, batch 128); on cpu a tiny smoke run
+BENCH_DEVICE ?= cpu
 
 # The full BEiT path on the embedded generated data, on CPU: a dVAE tokenizer (~3 min), then
 # masked image modeling against its tokens (~20 s).
@@ -24,7 +26,7 @@ demo: $(STAMP)
 		tokenizer.vocab_size=512 tokenizer.image_size=64 hydra.run.dir=$(DEMO_DIR)/pretrain
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -33,6 +35,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/masking.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/pretrain_step.py
+	mkdir -p outputs
+	$(BIN)/python benchmarks/gpu_pretrain.py --device $(BENCH_DEVICE) $(if $(filter cpu,$(BENCH_DEVICE)),--tiny) \
+		--out outputs/gpu_pretrain.md
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def colour_tokenizer() -> ColourTokenizer:
     return ColourTokenizer()
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (make test: one worker per core) each worker computes on one thread, and so do
+    # the processes it starts (notebook kernels, CLI runs, data-loader workers): OpenMP threads that
+    # spin-wait on an oversubscribed machine slow everything down many times.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -50,10 +59,12 @@ def _seed():
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
-    """Generated shards go to a per-session folder, not the user's cache."""
+    """Generated shards go to a per-session folder, not the user's cache; weights are never downloaded
+    (a name or URL whose file is not in that folder is an error, as on a node without network)."""
     import os
 
     os.environ["BEIT_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["BEIT_LIGHTNING_OFFLINE"] = "1"
 
 
 def last_logged(csv_path, key: str) -> float:

@@ -1,6 +1,7 @@
 """An image folder with unreadable files: skipped, counted, named in a warning, and training goes on
 with full batches."""
 
+import io
 import warnings
 from pathlib import Path
 
@@ -10,8 +11,16 @@ import torch
 from hydra import compose, initialize_config_module
 
 from beit_lightning.cli import train
-from beit_lightning.data import GeneratedImages, ImageFolderDataModule
+from beit_lightning.data import (
+    BeitPretrainTransform,
+    BlockwiseMaskGenerator,
+    GeneratedImages,
+    ImageFolderDataModule,
+    ShardStream,
+)
 from beit_lightning.data.datamodule import ImageFiles
+from beit_lightning.data.decode import is_undecoded_jpeg
+from beit_lightning.data.shards import ShardRecord, write_shards
 from beit_lightning.data.streaming import SharedCounter
 
 BAD = ("corrupt.jpg", "truncated.jpg")
@@ -170,3 +179,82 @@ def test_training_on_a_folder_with_unreadable_files_logs_data_skipped(folder, tm
     values = [float(row.split(",")[column]) for row in lines[1:] if row.split(",")[column]]
     assert values and values[-1] == 2.0
     assert torch.isfinite(torch.tensor(values)).all()
+
+
+# --- the fast pre-training path decodes inside the transform (issue 24) ---------------------------
+
+class _Spy:
+    """Wraps a transform and records what kind of image it was handed."""
+
+    def __init__(self, transform) -> None:
+        self.transform, self.undecoded = transform, []
+
+    @property
+    def accepts_undecoded(self) -> bool:
+        return self.transform.accepts_undecoded
+
+    def __call__(self, img):
+        self.undecoded.append(is_undecoded_jpeg(img) and isinstance(img.fp, io.BytesIO))
+        return self.transform(img)
+
+
+def _cut_in_the_scan(data: bytes) -> bytes:
+    """A JPEG cut a few bytes into its entropy-coded data: the header reads, the pixels do not."""
+    return data[: data.index(b"\xff\xda") + 40]
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_truncated_jpeg_on_the_folder_path_is_skipped_named_and_counted(folder, fast_decode):
+    good = sorted((folder / "train" / "class1").glob("0*.jpg"))[0].read_bytes()
+    (folder / "train" / "class1" / BAD[1]).write_bytes(_cut_in_the_scan(good))
+    dm = _datamodule(folder, "pretrain", num_workers=0, fast_decode=fast_decode)
+    spy = _Spy(dm.train_transform)
+    dm.train_set.sample_transform = spy
+    with pytest.warns(UserWarning) as record:
+        _epoch(dm)
+    messages = [str(w.message) for w in record if "unreadable image" in str(w.message)]
+    assert sum(BAD[1] in m for m in messages) == 1 and dm.skipped_samples == 2, messages
+    # fast: every image reached the transform undecoded, from memory, and the truncated one failed there
+    assert all(spy.undecoded) if fast_decode else not any(spy.undecoded)
+    assert any("cannot decode" in m for m in messages if BAD[1] in m) == fast_decode
+
+
+def _jpeg_records(n, truncated=()):
+    images = GeneratedImages(n, 40, num_classes=2, seed=5)
+    for i in range(n):
+        out = io.BytesIO()
+        images[i][0].save(out, "JPEG", quality=90)
+        data = out.getvalue()
+        yield ShardRecord(_cut_in_the_scan(data) if i in truncated else data, "jpg", i % 2, {})
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_truncated_jpeg_in_shards_is_skipped_named_and_counted(tmp_path, fast_decode):
+    write_shards(_jpeg_records(12, truncated={5}), str(tmp_path), samples_per_shard=6)
+    transform = BeitPretrainTransform(32, 16, BlockwiseMaskGenerator(4, 6, min_num_patches=2), fast_decode=fast_decode)
+    spy = _Spy(transform)
+    urls = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(2)]
+    stream = ShardStream(urls, spy, samples_per_epoch=12, batch_size=4, shuffle_buffer=1, repeats=2)
+    with pytest.warns(UserWarning, match="skipping undecodable sample 000000005") as record:
+        samples = list(stream)
+    assert len(samples) == 12 and all(s["image"].shape == (3, 32, 32) for s in samples)  # the epoch keeps its length
+    assert stream.skipped.value == 1  # one image (both its copies), counted once
+    assert all(spy.undecoded) if fast_decode else not any(spy.undecoded)
+    named = [str(w.message) for w in record if "000000005" in str(w.message)]
+    assert len(named) == 1 and ("cannot decode" in named[0]) == fast_decode
+
+
+def test_repeated_copies_of_an_undecoded_sample_draw_on_the_full_size(tmp_path):
+    """Decoding at reduced size changes a PIL image in place; each repeated copy opens it afresh."""
+    write_shards(_jpeg_records(4), str(tmp_path), samples_per_shard=4)
+    sizes = []
+
+    class Sizes(_Spy):
+        def __call__(self, img):
+            sizes.append(img.size)
+            return super().__call__(img)
+
+    transform = BeitPretrainTransform(16, 8, scale=(0.9, 1.0), fast_decode=True)  # crops allow a 1/2 decode
+    stream = ShardStream([str(tmp_path / "shard-000000.tar")], Sizes(transform), samples_per_epoch=8,
+                         shuffle_buffer=1, repeats=2)
+    assert len(list(stream)) == 8 and set(sizes) == {(40, 40)}

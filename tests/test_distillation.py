@@ -15,8 +15,9 @@ from timm.task import TokenDistillationTask
 
 from beit_lightning.cli import train
 from beit_lightning.data import GeneratedDataModule
-from beit_lightning.models import create_classifier, create_teacher, distillation_loss
+from beit_lightning.models import create_classifier, distillation_loss
 from beit_lightning.tasks import ImageClassification
+from beit_lightning.tasks.classification import create_teacher
 from conftest import last_logged
 
 TINY = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)

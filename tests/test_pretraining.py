@@ -83,12 +83,14 @@ def test_tokenizer_stays_frozen_in_eval_mode_and_out_of_checkpoints(tmp_path):
 
 
 def test_non_finite_loss_stops_before_updating(tmp_path):
+    # the fused AdamW skips the update on the device; the host reads the flag at the epoch's end
+    # (tests/test_gpu_step.py: every N steps, before checkpoints, the per-step fallback)
     task = _task()
+    before = {k: v.clone() for k, v in task.state_dict().items()}
     trainer = _trainer(tmp_path, max_steps=5)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 0"):
         trainer.fit(task, DataLoader(FixedBatches(8, nan=True), batch_size=8))
-    assert all(torch.isfinite(p).all() for p in task.parameters())
-    assert trainer.global_step == 0
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in before.items())
 
 
 def test_resume_from_lightning_checkpoint_continues_schedule_and_optimizer(tmp_path):

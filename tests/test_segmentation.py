@@ -237,3 +237,41 @@ def test_smoke_segmentation_learns_well_above_a_constant_prediction(tmp_path):
     assert last_logged(metrics, "val/aAcc") > counts.max().item() / counts.sum().item() + 0.05
     assert 0 < last_logged(metrics, "val/mAcc") <= 1
     assert list(tmp_path.rglob("val_masks-step*.png")), "the predicted masks were not logged as images"
+
+
+# --- evaluation precision ------------------------------------------------------------------------
+def test_evaluation_is_float32_under_a_bf16_autocast_unless_asked_for_bf16():
+    """Under the bf16 autocast of a ``bf16-mixed`` Trainer, validation computes the same float32
+    logits (and confusion matrix) as a plain float32 run; ``eval_precision="bf16"`` really runs
+    under the autocast (its logits differ, by bf16's rounding)."""
+    torch.manual_seed(0)
+    model = tiny_segmenter().eval()
+    images, labels = torch.randn(2, 3, 32, 44), torch.randint(0, 5, (2, 32, 44))
+    task = SemanticSegmentation(model, num_classes=5, crop_size=32, stride=21)
+    reference = task.predict_logits(images)  # no autocast anywhere
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = task.predict_logits(images)
+        task.validation_step({"image": images, "label": labels}, 0)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    expected = torch.bincount((labels * 5 + reference.argmax(1)).flatten(), minlength=25).view(5, 5)
+    assert torch.equal(task.val_confusion.compute(), expected)
+    bf16 = SemanticSegmentation(model, num_classes=5, crop_size=32, stride=21, eval_precision="bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = bf16.predict_logits(images)
+    error = (approx - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05, error  # bf16 keeps 8 bits of mantissa: close, never equal
+
+
+def test_eval_precision_is_checked_against_the_value_and_the_trainer():
+    import pytorch_lightning as pl
+
+    with pytest.raises(ValueError, match="eval_precision must be"):
+        SemanticSegmentation(tiny_segmenter(), num_classes=5, crop_size=32, stride=21, eval_precision="fp16")
+    task = SemanticSegmentation(tiny_segmenter(), num_classes=5, crop_size=32, stride=21)
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-true", logger=False, enable_progress_bar=False)
+    task.trainer = trainer
+    with pytest.raises(ValueError, match="task.eval_precision=bf16"):
+        task.setup("validate")
+    task.trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    task.setup("validate")  # bf16 autocast with float32 weights: fp32 evaluation is possible

@@ -57,6 +57,105 @@ def test_token_colours_are_fixed_and_token_maps_are_nearest_upscaled():
     assert torch.equal(visualise.colour_map(torch.tensor([[255]]), palette)[0, 0], torch.zeros(3, dtype=torch.uint8))
 
 
+def _dark(region: torch.Tensor) -> bool:
+    """Some pixel of ``region`` is text-dark (the background is white)."""
+    return bool((region.int().sum(-1) < 200).any())
+
+
+def test_titled_grid_enlarges_the_cells_and_puts_titles_over_their_columns_and_a_legend_under_them():
+    colours = torch.tensor([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=torch.uint8)
+    cells = [[colours[c].expand(32, 32, 3).clone() for c in range(3)] for _ in range(2)]
+    cells[0][2] = colours[2].expand(32, 40, 3).clone()  # the narrower cell below it is padded to 40 (x5)
+    grid = visualise.titled_grid(cells, ["first", "second", "third"], legend="red, green and blue", gap=4,
+                                 row_titles=["row one", "row two"])
+    # 32px cells enlarged x5 (the smallest whole factor reaching 160 px); columns 4 px apart
+    assert grid.shape[1] == 160 + 160 + 200 + 2 * 4
+    for c in range(3):
+        ys, xs = torch.nonzero((grid == colours[c]).all(-1), as_tuple=True)
+        assert xs.min() == c * 164 and xs.max() == c * 164 + (199 if c == 2 else 159)
+        assert int((grid[int(ys.max()), c * 164 :] == colours[c]).all(-1).sum()) == 160  # padded, not stretched
+        assert (ys.max() - ys.min() + 1) > 2 * 160  # one cell per row
+        top = int(ys.min())
+        assert _dark(grid[:top, c * 164 : c * 164 + 160]), f"no title over column {c}"
+    # a row title between the header and each row, and the legend under the last row
+    rows = torch.nonzero((grid == colours[0]).all(-1).any(1)).flatten()
+    first_end = int(rows[rows < rows.min() + 160].max())
+    second_start = int(rows[rows > first_end].min())
+    assert _dark(grid[first_end + 1 : second_start])
+    assert _dark(grid[int(rows.max()) + 1 :])
+    with pytest.raises(ValueError, match="one title per column"):
+        visualise.titled_grid(cells, ["only", "two"])
+
+
+def test_upscale_is_a_whole_nearest_factor_and_leaves_large_images_alone():
+    image = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8)
+    big = visualise.upscale(image, 160)
+    assert big.shape == (160, 240, 3) and torch.equal(big[::5, ::5], image) and torch.equal(big[4::5, 4::5], image)
+    assert visualise.upscale(image, 64).shape == (64, 96, 3)
+    large = torch.zeros(224, 300, 3, dtype=torch.uint8)
+    assert visualise.upscale(large, 160) is large
+
+
+def test_text_band_wraps_to_its_width_and_is_not_blank():
+    one = visualise.text_band("short", 200)
+    wrapped = visualise.text_band("a much longer line of words that cannot fit into eighty pixels", 80)
+    assert one.shape[1] == 200 and wrapped.shape[1] == 80 and wrapped.shape[0] > 2 * one.shape[0]
+    assert _dark(one) and _dark(wrapped) and not _dark(visualise.text_band("", 50))
+    left = visualise.text_band("x", 200)
+    centred = visualise.text_band("x", 200, centre=True)
+    assert _dark(left[:, :20]) and not _dark(centred[:, :20]) and _dark(centred[:, 90:110])
+
+
+def test_right_wrong_map_and_colour_scale():
+    predicted, target = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 0], [3, 0]])
+    mask = torch.tensor([[True, True], [False, True]])
+    image = visualise.right_wrong_map(predicted, target, mask, (4, 4))
+    right, wrong, white = visualise.RIGHT_WRONG_COLOURS
+    assert torch.equal(image[0, 0], right) and torch.equal(image[1, 3], wrong)
+    assert torch.equal(image[3, 0], white) and torch.equal(image[3, 3], wrong)
+    scale = visualise.colour_scale(300, low="low", high="high")
+    assert scale.shape[1] <= 300 and _dark(scale[:, :20])
+    bar = scale[(scale.int().sum(-1) < 765).any(1)]  # rows with anything drawn
+    # dark blue at the low end, yellow at the high end, as heatmap draws
+    row = bar[bar.shape[0] // 2]
+    coloured = torch.nonzero((row.int().max(-1).values - row.int().min(-1).values) > 60).flatten()
+    low, high = row[coloured.min()].int(), row[coloured.max()].int()
+    assert low[2] > low[0] and high[0] > high[2] and high[1] > high[2]
+
+
+def test_validation_images_have_titles_columns_of_at_least_160px_and_a_legend(tmp_path, colour_tokenizer):
+    """The pre-training pictures the callback logs: 4 titled columns (the test tokenizer cannot
+    decode), 32px images shown at 160 px, one attention column per head plus input and mean."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from beit_lightning import MaskedImageModeling
+    from beit_lightning.callbacks import ValidationImages
+    from conftest import micro_model
+
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = SimpleNamespace(global_step=3, loggers=[logger], log_dir=str(tmp_path), datamodule=None)
+    task = MaskedImageModeling(micro_model(vocab_size=64), colour_tokenizer)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, 1:3, 1:3] = True
+    ValidationImages()._pretraining(trainer, task, {"image": images, "mask": mask, "tokenizer_image": images * 0.5 + 0.5})
+    folder = Path(logger.log_dir, "images")
+    tokens = torch.from_numpy(np.asarray(Image.open(folder / "val_tokens-step0000003.png").convert("RGB")).copy())
+    attention = torch.from_numpy(np.asarray(Image.open(folder / "val_attention-step0000003.png").convert("RGB")).copy())
+    heads = task.model.backbone.blocks[-1].attn.num_heads
+    assert tokens.shape[1] == 4 * 160 + 3 * 4 and attention.shape[1] == (2 + heads) * 160 + (1 + heads) * 4
+    for picture, columns in ((tokens, 4), (attention, 2 + heads)):
+        for c in range(columns):
+            assert _dark(picture[:18, c * 164 : c * 164 + 160]), f"column {c} has no title"
+        assert _dark(picture[-30:]), "no legend under the grid"
+    # the masked input column greys exactly the masked patches (enlarged x5: patch 8px -> 40px)
+    first_row = tokens[(tokens == 128).all(-1).any(1)]
+    assert ((first_row[:, :160] == 128).all(-1).sum(1).max()) == 2 * 40
+
+
 def test_confusion_image_normalises_rows():
     confusion = torch.tensor([[9, 1], [0, 2]])
     image = visualise.confusion_image(confusion, cell=4)

@@ -2,7 +2,9 @@
 and its k-means start (norm_ema_quantizer.py), the projected CLIP target (modeling_vqkd.py
 get_regress_target), the learning-rate rule (run_vqkd_training.py) and the shipped configs."""
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
@@ -20,7 +23,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from beit_lightning.models.tokenizers.vqkd import kmeans_cosine, teacher_patch_features
 from beit_lightning.tasks import TokenizerTraining
-from beit_lightning.tokenizers import VQKD, CosineVectorQuantizer
+from beit_lightning.tasks.tokenizer import create_teacher
+from beit_lightning.tokenizers import VQKD, CosineVectorQuantizer, load_tokenizer
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -267,8 +271,9 @@ def test_lr_scales_with_the_batch_over_128_and_min_lr_does_not():
     assert schedule(1000) * peak == pytest.approx(peak)  # 10 warmup epochs of 100 steps
     assert schedule(10_000) * peak == pytest.approx(1e-5)  # min_lr as given, not x 32/128
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert id(task.tokenizer.decoder_pos) not in decayed  # official VQKD.no_weight_decay()
-    assert id(task.tokenizer.encoder.pos_embed) not in decayed and id(task.tokenizer.encoder.cls_token) not in decayed
+    for part in (task.tokenizer.encoder, task.tokenizer.decoder):  # official VQKD.no_weight_decay()
+        assert id(part.pos_embed) not in decayed and id(part.cls_token) not in decayed
+    assert id(task.tokenizer.decoder.blocks[0].attn.qkv.weight) in decayed
 
     unscaled = TokenizerTraining(_tiny_vqkd(), teacher=_tiny_clip(16), teacher_target="projected", lr=5e-5, min_lr=1e-5,
                                  warmup_steps=0)
@@ -294,3 +299,185 @@ def test_vqkd_imagenet_experiment_is_the_official_recipe():
     assert cfg.trainer.gradient_clip_val is None
     assert (cfg.data.tokenizer_size, list(cfg.data.scale), cfg.data.hflip) == (224, [0.08, 1.0], 0.5)
     assert cfg.data.tokenizer_interpolation == "bicubic"
+    assert cfg.trainer.precision == "16-mixed"  # engine_for_vqkd.py: torch.cuda.amp.autocast + NativeScaler
+    assert tok.num_heads == tok.decoder_num_heads == 12
+
+
+def test_task_tokenizer_vqkd_alone_does_not_clip_gradients():
+    for trainer in ("cpu", "gpu", "ddp"):
+        with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["task=tokenizer_vqkd", f"trainer={trainer}", "output_dir=/tmp/x"])
+        assert cfg.trainer.gradient_clip_val is None, trainer  # run_vqkd_training.py --clip_grad default None
+
+
+# --- (e) the official architecture, initialisation and released files -------------------------
+# Names and shapes written out from beit2/modeling_finetune.py (VisionTransformer with
+# get_model_default_params(): qkv_bias=True as q_bias/v_bias, use_mean_pooling=True -> fc_norm, no head),
+# modeling_vqkd.py (encode_task_layer, decode_task_layer, decoder over the code map with patch_size 1)
+# and norm_ema_quantizer.py (NormEMAVectorQuantizer / EmbeddingEMA buffers).
+def _official_vit_state(prefix, img_size, patch, in_chans, dim, depth, gen):
+    def rnd(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    state = {f"{prefix}.cls_token": rnd(1, 1, dim), f"{prefix}.pos_embed": rnd(1, (img_size // patch) ** 2 + 1, dim),
+             f"{prefix}.patch_embed.proj.weight": rnd(dim, in_chans, patch, patch),
+             f"{prefix}.patch_embed.proj.bias": rnd(dim)}
+    for i in range(depth):
+        b = f"{prefix}.blocks.{i}."
+        state.update({
+            b + "norm1.weight": 1 + rnd(dim), b + "norm1.bias": rnd(dim), b + "attn.qkv.weight": rnd(3 * dim, dim),
+            b + "attn.q_bias": rnd(dim), b + "attn.v_bias": rnd(dim), b + "attn.proj.weight": rnd(dim, dim),
+            b + "attn.proj.bias": rnd(dim), b + "norm2.weight": 1 + rnd(dim), b + "norm2.bias": rnd(dim),
+            b + "mlp.fc1.weight": rnd(4 * dim, dim), b + "mlp.fc1.bias": rnd(4 * dim),
+            b + "mlp.fc2.weight": rnd(dim, 4 * dim), b + "mlp.fc2.bias": rnd(dim)})
+    state.update({f"{prefix}.fc_norm.weight": 1 + rnd(dim), f"{prefix}.fc_norm.bias": rnd(dim)})
+    return state
+
+
+def _official_vqkd_state(decoder_depth, teacher_dim, img=32, patch=8, dim=48, depth=2, dec_dim=48, vocab=64, code=8):
+    gen = torch.Generator().manual_seed(decoder_depth)
+    state = _official_vit_state("encoder", img, patch, 3, dim, depth, gen)
+    state.update(_official_vit_state("decoder", img // patch, 1, code, dec_dim, decoder_depth, gen))
+    for name, d_in, d_out in (("encode_task_layer", dim, code), ("decode_task_layer", dec_dim, teacher_dim)):
+        state.update({f"{name}.0.weight": 0.2 * torch.randn(d_in, d_in, generator=gen),
+                      f"{name}.0.bias": 0.2 * torch.randn(d_in, generator=gen),
+                      f"{name}.2.weight": 0.2 * torch.randn(d_out, d_in, generator=gen),
+                      f"{name}.2.bias": 0.2 * torch.randn(d_out, generator=gen)})
+    codes = F.normalize(torch.randn(vocab, code, generator=gen), dim=-1)  # kept unit-norm by norm_ema_inplace
+    state.update({"quantize.embedding.weight": codes, "quantize.embedding.cluster_size": torch.rand(vocab, generator=gen),
+                  "quantize.embedding.embed_avg": torch.randn(vocab, code, generator=gen),
+                  "quantize.embedding.initted": torch.tensor([1.0]), "quantize.cluster_size": torch.rand(vocab, generator=gen),
+                  # a training checkpoint also holds the teacher and ScalingLayerForClip's buffers
+                  "teacher_model.visual.proj": torch.randn(4, 4, generator=gen),
+                  "scaling_layer.shift": torch.rand(1, 3, 1, 1), "scaling_layer.scale": torch.rand(1, 3, 1, 1)})
+    return state
+
+
+def _official_vit_forward(s, prefix, x, heads, depth, patch):
+    """modeling_finetune.VisionTransformer.forward(x, return_patch_tokens=True), written out."""
+    x = F.conv2d(x, s[f"{prefix}.patch_embed.proj.weight"], s[f"{prefix}.patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([s[f"{prefix}.cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + s[f"{prefix}.pos_embed"]
+    B, N, C = x.shape
+    for i in range(depth):
+        p = f"{prefix}.blocks.{i}."
+        h = F.layer_norm(x, (C,), s[p + "norm1.weight"], s[p + "norm1.bias"], eps=1e-6)
+        bias = torch.cat([s[p + "attn.q_bias"], torch.zeros_like(s[p + "attn.v_bias"]), s[p + "attn.v_bias"]])
+        q, k, v = F.linear(h, s[p + "attn.qkv.weight"], bias).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attn = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, -1), s[p + "attn.proj.weight"], s[p + "attn.proj.bias"])
+        h = F.layer_norm(x, (C,), s[p + "norm2.weight"], s[p + "norm2.bias"], eps=1e-6)
+        h = F.linear(F.gelu(F.linear(h, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"])), s[p + "mlp.fc2.weight"],
+                     s[p + "mlp.fc2.bias"])
+        x = x + h
+    return F.layer_norm(x[:, 1:], (C,), s[f"{prefix}.fc_norm.weight"], s[f"{prefix}.fc_norm.bias"], eps=1e-6)
+
+
+def _task_layer(s, name, x):
+    return F.linear(torch.tanh(F.linear(x, s[f"{name}.0.weight"], s[f"{name}.0.bias"])), s[f"{name}.2.weight"],
+                    s[f"{name}.2.bias"])
+
+
+def _official_tokens_and_decoding(s, images, heads, enc_depth, dec_depth, patch):
+    """VQKD.get_tokens (pre_process 'default', encode, NormEMAVectorQuantizer's argmin distance) and
+    VQKD.decode of the quantised codes, written out."""
+    x = images * 255.0 / 127.5 - 1.0
+    z = F.normalize(_task_layer(s, "encode_task_layer", _official_vit_forward(s, "encoder", x, heads, enc_depth, patch)),
+                    dim=-1)
+    w = s["quantize.embedding.weight"]
+    flat = z.reshape(-1, w.shape[1])
+    d = flat.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1) - 2 * flat @ w.t()
+    tokens = d.argmin(1).view(images.shape[0], -1)
+    side = math.isqrt(tokens.shape[1])
+    code_map = w[tokens].view(images.shape[0], side, side, -1).permute(0, 3, 1, 2)  # 'b h w c -> b c h w'
+    decoded = _task_layer(s, "decode_task_layer", _official_vit_forward(s, "decoder", code_map, heads, dec_depth, 1))
+    return tokens, decoded
+
+
+@pytest.mark.parametrize("variant, decoder_depth, teacher_dim", [("clip 3x768x12", 3, 16), ("dino 1x768x12", 1, 24)])
+def test_official_vqkd_files_load_with_every_key_placed_and_equal_outputs(tmp_path, variant, decoder_depth, teacher_dim):
+    state = _official_vqkd_state(decoder_depth, teacher_dim)
+    # as utils.save_model writes it: the model, the optimiser, the epoch, the run's argparse.Namespace
+    path = tmp_path / "vqkd.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 99,
+                "args": argparse.Namespace(model="vqkd", codebook_n_emd=64)}, path)
+    tokenizer = VQKD.from_official(path)  # 12 heads in encoder and decoder, as get_model_default_params()
+    assert (tokenizer.config["decoder_depth"], tokenizer.config["teacher_dim"], tokenizer.config["depth"]) == (
+        decoder_depth, teacher_dim, 2)
+    assert (tokenizer.vocab_size, tokenizer.image_size, tokenizer.grid_size) == (64, 32, (4, 4))
+    # every key of the file is placed: our state is exactly the file's, renamed, less the teacher's and the two
+    # buffers no official computation reads
+    ours = tokenizer.state_dict()
+    placed = {k for k in state if not k.startswith(("teacher_model.", "scaling_layer."))} - {
+        "quantize.embedding.cluster_size", "quantize.embedding.embed_avg"}
+    assert len(ours) == len(placed)
+    renames = {"encode_task_layer": "encode_head", "decode_task_layer": "decode_head",
+               "quantize.embedding.weight": "quantizer.embedding", "quantize.cluster_size": "quantizer.cluster_size",
+               "quantize.embedding.initted": "quantizer.initted"}
+    for key in placed:
+        ours_key = next((key.replace(a, b, 1) for a, b in renames.items() if key.startswith(a)), key)
+        if ours_key == "quantizer.initted":
+            assert ours[ours_key].item() is True
+        else:
+            assert torch.equal(ours[ours_key], state[key]), key
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    want_tokens, want_decoded = _official_tokens_and_decoding(state, images, 12, 2, decoder_depth, 8)
+    tokens = tokenizer.encode(images)
+    assert torch.equal(tokens.flatten(1), want_tokens)
+    assert len(want_tokens.unique()) > 8  # a real test of the assignment, not one code everywhere
+    with torch.no_grad():
+        torch.testing.assert_close(tokenizer.decode_tokens(tokens), want_decoded, atol=1e-5, rtol=1e-4)
+    # load_tokenizer (tokenizer=vqkd tokenizer.checkpoint=...) takes the official file too
+    torch.save({"model": state}, tmp_path / "released.pth")
+    loaded = load_tokenizer(tmp_path / "released.pth", vocab_size=64, image_size=32)
+    assert isinstance(loaded, VQKD) and torch.equal(loaded.encode(images), tokens)
+
+
+def test_an_official_state_that_does_not_fit_names_the_keys():
+    state = _official_vqkd_state(3, 16)
+    del state["decoder.blocks.2.attn.q_bias"]
+    state["encoder.blocks.0.attn.k_bias"] = torch.zeros(48)
+    with pytest.raises(ValueError, match=r"decoder\.blocks\.2\.attn\.q_bias.*encoder\.blocks\.0\.attn\.k_bias"):
+        VQKD.from_official(state)
+    with pytest.raises(ValueError, match="not an official VQ-KD tokenizer"):
+        VQKD.from_official({"model": {"encoder.cls_token": torch.zeros(1, 1, 8)}})
+
+
+def test_encoder_decoder_and_task_layers_are_initialised_as_the_official_code():
+    torch.manual_seed(0)
+    tok = VQKD(teacher_dim=64, vocab_size=16, code_dim=8, image_size=32, patch_size=8, embed_dim=128, depth=3,
+               num_heads=4, decoder_dim=128, decoder_depth=3)
+    for vit in (tok.encoder, tok.decoder):
+        assert vit.pos_embed.shape[1] == 17 and vit.cls_token.shape == (1, 1, 128)  # class token + 16 positions
+        for i, block in enumerate(vit.blocks):
+            assert block.attn.qkv.bias is None and "k_bias" not in dict(block.attn.named_parameters())
+            assert not block.attn.q_bias.any() and not block.attn.v_bias.any()
+            assert block.gamma_1 is None  # init_values=0.: no layer scale
+            for linear, rescaled in ((block.attn.qkv, False), (block.mlp.fc1, False), (block.attn.proj, True),
+                                     (block.mlp.fc2, True)):
+                want = 0.02 / math.sqrt(2 * (i + 1)) if rescaled else 0.02  # fix_init_weight
+                assert abs(linear.weight.std().item() / want - 1) < 0.05, (i, linear)
+                assert linear.bias is None or not linear.bias.any()
+        norms = [m for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert len(norms) == 2 * 3 + 1 and all(m.eps == 1e-6 for m in norms)
+    assert tok.decoder.patch_embed.proj.kernel_size == (1, 1) and tok.decoder.patch_embed.proj.in_channels == 8
+    for head in (tok.encode_head, tok.decode_head):
+        assert abs(head[0].weight.std().item() / 0.02 - 1) < 0.05 and not head[0].bias.any() and not head[2].bias.any()
+
+
+def test_teacher_without_weights_names_the_model_and_how_to_fetch_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"'test_vit\.r160_in1k' \(Hugging Face timm/test_vit\.r160_in1k\)"
+                                                r"(.|\n)*timm\.create_model(.|\n)*task\.teacher_file"):
+        create_teacher("test_vit.r160_in1k", pretrained=True, num_classes=0)
+    # the documented way out: the weights file given directly
+    torch.manual_seed(3)
+    reference = timm.create_model("test_vit", num_classes=0)
+    torch.save(reference.state_dict(), tmp_path / "teacher.pth")
+    teacher = create_teacher("test_vit.r160_in1k", pretrained=True, file=str(tmp_path / "teacher.pth"), num_classes=0)
+    want = reference.state_dict()
+    assert teacher.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in teacher.state_dict().items())

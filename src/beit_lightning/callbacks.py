@@ -98,17 +98,21 @@ class ValidationImages(pl.Callback):
     ``num_images`` validation images (the same images every time): to TensorBoard and as PNG files
     under ``<log dir>/images/`` (:func:`~beit_lightning.visualise.log_image`).
 
-    * masked image modeling: per image, the image with its masked patches greyed out, the
-      tokenizer's token map of the targets (a fixed colour per code), the model's predictions at
-      the masked positions (visible positions white) with the image's token accuracy, and, when
-      the tokenizer can decode (our dVAE; the DALL-E tokenizer with OpenAI's ``decoder.pkl``,
-      ``tokenizer.decoder_path``), the images decoded from the target and from the predicted tokens; and the attention of the CLS token in the last block, per head and
-      averaged (``val/attention``), as in the BEiT paper's attention figure;
+    * masked image modeling (``val/tokens``): per image, the image with its masked patches greyed
+      out, the tokenizer's token map of the targets (a fixed colour per code), the model's
+      predictions at the masked positions (visible positions white), where they are right or
+      wrong (green/red) with the image's count of right tokens, and, when the tokenizer can decode
+      (our dVAE; the DALL-E tokenizer with OpenAI's ``decoder.pkl``, ``tokenizer.decoder_path``),
+      the images decoded from the target and from the predicted tokens; and the attention of the
+      CLS token in the last block, per head and averaged (``val/attention``), as in the BEiT
+      paper's attention figure;
     * classification: the confusion matrix of up to ``max_confusion_images`` validation images,
       rows normalised (``val/confusion``);
     * segmentation: the image, the ground truth and the predicted masks (``val/masks``), predicted
       by the task's sliding-window inference, so they show what the metrics measure.
     (Tokenizer training logs its reconstructions and codebook usage itself.)
+    Every picture has column titles and a legend, and small images are enlarged to at least 160 px
+    (:func:`~beit_lightning.visualise.titled_grid`), so it reads without the code.
 
     It runs only in validation epochs, only on rank zero, and never during the sanity check; the
     extra forward passes are on a handful of images (the confusion matrix re-runs the classifier
@@ -164,7 +168,7 @@ class ValidationImages(pl.Callback):
         if self._batch is None:
             return
         with torch.no_grad():
-            if isinstance(pl_module, MaskedImageModeling):
+            if isinstance(pl_module, MaskedImageModeling) and pl_module.tokenizer is not None:  # (pixel targets: none)
                 self._pretraining(trainer, pl_module, self._batch)
             elif isinstance(pl_module, SemanticSegmentation):
                 self._segmentation(trainer, pl_module, self._batch)
@@ -175,8 +179,6 @@ class ValidationImages(pl.Callback):
         return tuple(getattr(data, "mean", (0.5, 0.5, 0.5))), tuple(getattr(data, "std", (0.5, 0.5, 0.5)))
 
     def _pretraining(self, trainer: pl.Trainer, task, batch: dict[str, torch.Tensor]) -> None:
-        from PIL import Image, ImageDraw
-
         from . import visualise
 
         mean, std = self._normalisation(trainer)
@@ -191,38 +193,60 @@ class ValidationImages(pl.Callback):
         vocab = task.tokenizer.vocab_size
         colours = torch.cat([visualise.token_colours(vocab), torch.full((1, 3), 255, dtype=torch.uint8)])
         decode = getattr(task.tokenizer, "decode", None) if getattr(task.tokenizer, "can_decode", True) else None
-        rows, offset = [], 0
+        rows, row_titles, offset = [], [], 0
         for i in range(len(images)):
             picture = visualise.to_uint8(images[i], mean, std)
             size = tuple(picture.shape[:2])
             n = int(mask[i].sum())
             pred_map = torch.full_like(targets[i], vocab)  # visible positions: white
             pred_map[mask[i]] = predicted[offset : offset + n].to(pred_map.dtype)
-            accuracy = float((predicted[offset : offset + n] == targets[i][mask[i]]).float().mean()) if n else float("nan")
+            right = int((predicted[offset : offset + n] == targets[i][mask[i]]).sum())
             offset += n
-            parts = [visualise.masked_image(picture, mask[i]), visualise.colour_map(targets[i], colours, size),
-                     visualise.colour_map(pred_map, colours, size)]
+            row = [visualise.masked_image(picture, mask[i]), visualise.colour_map(targets[i], colours, size),
+                   visualise.colour_map(pred_map, colours, size),
+                   visualise.right_wrong_map(pred_map, targets[i], mask[i], size)]
             if callable(decode):
                 full_pred = torch.where(mask[i], pred_map, targets[i])
                 decoded = decode(torch.stack([targets[i], full_pred]))
-                parts += [visualise.to_uint8(F.interpolate(d[None].float(), size=size, mode="bilinear",
-                                                           align_corners=False)[0]) for d in decoded]
-            row = Image.fromarray(visualise.hstack(parts).numpy())
-            ImageDraw.Draw(row).text((2, 1), f"acc {accuracy:.2f}", fill=(255, 255, 255))
-            rows.append(torch.from_numpy(np.asarray(row).copy()))
-        visualise.log_image(trainer, "val/tokens", visualise.vstack(rows))
+                row += [visualise.to_uint8(F.interpolate(d[None].float(), size=size, mode="bilinear",
+                                                         align_corners=False)[0]) for d in decoded]
+            rows.append(row)
+            row_titles.append(f"image {i + 1}: {right} of {n} masked tokens right"
+                              + (f" ({right / n:.0%})" if n else ""))
+        titles = ["masked input", "target tokens", "predicted tokens", "right / wrong"]
+        legend = ("grey = masked patch (the model sees it as [MASK]); colour = token id (one fixed colour per code "
+                  f"of the tokenizer's {vocab}); white = visible patch (not predicted); right / wrong: green = "
+                  "predicted token equals the target, red = it differs.")
+        if callable(decode):
+            titles += ["decoded targets", "decoded prediction"]
+            legend += (" Decoded: the tokenizer's decoder on the target tokens, and on the predicted tokens at the "
+                       "masked patches with the target tokens elsewhere.")
+        visualise.log_image(trainer, "val/tokens", visualise.titled_grid(rows, titles, legend, row_titles))
         if self.attention:
-            try:
-                maps = visualise.attention_maps(task.model.backbone, images)  # B x heads x h x w
-            except TypeError:  # a backbone without token attention (XCiT): no attention picture
-                return
-            att_rows = []
-            for i in range(len(images)):
-                picture = visualise.to_uint8(images[i], mean, std)
-                size = tuple(picture.shape[:2])
-                heads = [visualise.heatmap(m, size) for m in maps[i]]
-                att_rows.append(visualise.hstack([picture, visualise.heatmap(maps[i].mean(0), size), *heads]))
-            visualise.log_image(trainer, "val/attention", visualise.vstack(att_rows))
+            self._attention(trainer, task, images, mean, std)
+
+    @staticmethod
+    def _attention(trainer: pl.Trainer, task, images: torch.Tensor, mean: tuple, std: tuple) -> None:
+        from . import visualise
+
+        try:
+            maps = visualise.attention_maps(task.model.backbone, images)  # B x heads x h x w
+        except TypeError:  # a backbone without token attention (XCiT): no attention picture
+            return
+        rows = []
+        for i in range(len(images)):
+            picture = visualise.to_uint8(images[i], mean, std)
+            size = tuple(picture.shape[:2])
+            rows.append([picture, visualise.heatmap(maps[i].mean(0), size),
+                         *(visualise.heatmap(m, size) for m in maps[i])])
+        heads = maps.shape[1]
+        titles = ["input", f"mean of {heads} heads", *(f"head {h + 1}" for h in range(heads))]
+        depth = len(task.model.backbone.blocks)
+        legend = (f"Attention of the CLS token to each patch in block {depth} of {depth} (the last), per head and "
+                  "averaged over the heads; each map is scaled to its own range:")
+        grid = visualise.titled_grid(rows, titles, legend)
+        key = visualise.colour_scale(min(grid.shape[1], 360), low="least attention", high="most attention")
+        visualise.log_image(trainer, "val/attention", visualise.vstack([grid, key], gap=4))
 
     def _segmentation(self, trainer: pl.Trainer, task, batch: dict[str, torch.Tensor]) -> None:
         from . import visualise
@@ -230,15 +254,21 @@ class ValidationImages(pl.Callback):
         mean, std = self._normalisation(trainer)
         num_classes, ignore = int(task.hparams.num_classes), int(task.hparams.get("ignore_index", 255))
         palette = visualise.class_palette(num_classes)
-        rows = []
-        for image, label in zip(batch["image"], batch["label"], strict=True):
+        rows, row_titles = [], []
+        for i, (image, label) in enumerate(zip(batch["image"], batch["label"], strict=True)):
             label = label.cpu().long()
             pred = task.predict_logits(image[None], size=label.shape[-2:]).argmax(1)[0].cpu()
             rgb = F.interpolate(image[None].float().cpu(), size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
-            label = torch.where(label == ignore, num_classes, label)
-            rows.append(visualise.hstack([visualise.to_uint8(rgb, mean, std), visualise.colour_map(label, palette),
-                                          visualise.colour_map(pred, palette)]))
-        visualise.log_image(trainer, "val/masks", visualise.vstack(rows))
+            labelled = label != ignore
+            accuracy = float((pred[labelled] == label[labelled]).float().mean()) if labelled.any() else float("nan")
+            label = torch.where(labelled, label, num_classes)
+            rows.append([visualise.to_uint8(rgb, mean, std), visualise.colour_map(label, palette),
+                         visualise.colour_map(pred, palette)])
+            row_titles.append(f"image {i + 1}: {accuracy:.0%} of the labelled pixels right")
+        legend = (f"colour = class (one colour per class of {num_classes}, the same in both maps); black = not "
+                  "labelled (ignored by the metrics). Prediction: the sliding-window evaluation the metrics use.")
+        grid = visualise.titled_grid(rows, ["image", "ground truth", "prediction"], legend, row_titles)
+        visualise.log_image(trainer, "val/masks", grid)
 
 
 def flops_per_image(task: pl.LightningModule, datamodule: Any) -> dict[str, int]:

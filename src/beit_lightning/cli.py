@@ -25,6 +25,7 @@ from .callbacks import CheckpointMetadata
 from .checkpoints import load_checkpoint, newest_checkpoint
 from .console import quiet_console
 from .strategies import end_distributed
+from .weights.sources import registry_entry, resolve_weights, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +190,55 @@ def _tokenizer_downsample(tok: DictConfig) -> int | None:
     return getattr(cls, "downsample", None)
 
 
+#: the configuration keys that name weights (a path, a URL, hf-hub:, timm: or a registry name)
+WEIGHT_KEYS = ("tokenizer.path", "tokenizer.decoder_path", "tokenizer.checkpoint", "init_checkpoint",
+               "task.teacher.checkpoint", "task.inception_weights")
+
+
+#: keys whose local files are checked when their object is built (the teacher: its error names the
+#: command that trains it, and an experiment may name the file of a run still to come)
+CHECKED_AT_BUILD = ("task.teacher.checkpoint",)
+
+
+def _check_weights(key: str, value: Any) -> str | None:
+    """A problem with the weights a configuration key names, or ``None``: a missing local file, or
+    a URL / Hub / timm / registry name whose file is not cached and cannot be downloaded now (the
+    message names the URL and the cache path to put it at). A name is downloaded here, once."""
+    if not isinstance(value, str) or not value:
+        return None
+    if source_kind(value) == "path":
+        if key == "init_checkpoint" and os.path.isdir(value):
+            return None  # a transformers save_pretrained folder
+        return None if os.path.isfile(value) or key in CHECKED_AT_BUILD else f"{key}={value!r} does not exist"
+    try:
+        resolve_weights(value)
+    except (OSError, KeyError, ValueError) as err:
+        return f"{key}={value!r}: {str(err).strip(chr(34))}"
+    return None
+
+
+def _check_registry_model(cfg: DictConfig) -> list[str]:
+    """``init_checkpoint=<registry name>`` must fit ``model=``: the entry says which network it holds."""
+    entry = registry_entry(cfg.get("init_checkpoint"))
+    model = cfg.get("model")
+    if entry is None or entry.model is None or model is None or not model.get("name"):
+        return []
+    size = entry.model.split("_", 1)[1]  # "base", "large"
+    name = str(model.name)
+    if not name.startswith(("beit_", "beitv2_")) or f"_{size}_" not in f"_{name.split('_', 1)[1]}":
+        return [f"init_checkpoint={entry.name} holds a BEiT-{size} ({entry.description}), but the configured model is "
+                f"{name}: add model={entry.model}"]
+    return []
+
+
 def _check_files(cfg: DictConfig) -> list[str]:
     problems = []
-    tok = cfg.get("tokenizer")
-    if tok is not None and tok.get("path") and not os.path.isfile(tok.path):
-        problems.append(f"tokenizer.path={tok.path!r} does not exist")
-    init = cfg.get("init_checkpoint")
-    if init and not os.path.isfile(init):
-        problems.append(f"init_checkpoint={init!r} does not exist")
+    for key in WEIGHT_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        problem = _check_weights(key, value)
+        if problem:
+            problems.append(problem)
+    problems += _check_registry_model(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt not in ("last", "hpc", "best") and not os.path.isfile(ckpt):
         problems.append(f"ckpt_path={ckpt!r} does not exist (use 'last' to resume this run's newest checkpoint)")

@@ -5,7 +5,9 @@ was trained against (and where it was), the metrics logged at save time, and wit
 the whole resolved configuration. For a run folder: the same for its newest checkpoint
 (:func:`~beit_lightning.checkpoints.newest_checkpoint`, the one ``ckpt_path=last`` resumes).
 Other files (the official BEiT release, timm state dicts, tokenizer files) get a short
-description of what they contain. Nothing is executed from the file (``weights_only`` loading).
+description of what they contain; a name of the weights registry, a URL, ``hf-hub:`` or ``timm:``
+name is described from the cache (downloaded first if needed). Nothing is executed from the file
+(``weights_only`` loading): a pickle that holds anything else is named as such, not loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoints import newest_checkpoint
+from .weights.openai import read_openai_weights
+from .weights.registry import get_entry
+from .weights.run_folder import newest_checkpoint
+from .weights.safety import UnsafeWeightsError, load_weights_file
+from .weights.sources import resolve_weights, source_kind
 
 __all__ = ["describe_checkpoint", "main"]
 
@@ -39,8 +45,17 @@ def _tensors(state: dict) -> tuple[int, int]:
 
 def describe_checkpoint(path: str, show_config: bool = False) -> str:
     """A readable description of the checkpoint at ``path`` (see the module docstring)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     lines = [f"file: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)"]
+    try:
+        obj = load_weights_file(path, mmap=not path.endswith(".safetensors"))
+    except UnsafeWeightsError as err:
+        try:  # OpenAI's pickled dVAE modules are read with exactly their classes allowed
+            state, sizes, kind = read_openai_weights(path)
+        except (ValueError, OSError):
+            return "\n".join([*lines, f"kind: not loaded: {err}"])
+        count, numel = _tensors(state)
+        return "\n".join([*lines, f"kind: OpenAI DALL-E dVAE {kind} (" + ", ".join(f"{k}={v}" for k, v in sizes.items())
+                          + f"): {count} tensors, {numel / 1e6:.2f} M values"])
     if not isinstance(obj, dict):
         return "\n".join([*lines, f"not a checkpoint dict: {type(obj).__name__}"])
     if "state_dict" in obj and "global_step" in obj:
@@ -96,10 +111,16 @@ def describe_checkpoint(path: str, show_config: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beit-lightning-info", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a run folder (its newest checkpoint is described) or a checkpoint file")
+    parser.add_argument("path", help="a run folder (its newest checkpoint is described), a checkpoint file, a URL, "
+                        "hf-hub:<repo>, timm:<model> or a name of `beit-lightning-weights list`")
     parser.add_argument("--config", action="store_true", help="also print the resolved configuration")
     args = parser.parse_args(argv)
     path = args.path
+    if source_kind(path) == "registry":
+        entry = get_entry(path)
+        print(f"registry name {entry.name}: {entry.description} ({entry.format}; {entry.url})")
+    if source_kind(path) != "path":
+        path = resolve_weights(path)
     if os.path.isdir(path):
         found = newest_checkpoint(path)
         if found is None:

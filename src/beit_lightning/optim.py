@@ -324,16 +324,20 @@ def configure_adamw_cosine(
     warmup_lr: float = 0.0,
     warmup_prefix: bool = True,
     scale_min_lr: bool = True,
+    fused: bool | None = None,
 ) -> dict:
     """``configure_optimizers`` output: AdamW over ``groups`` (each at ``lr * lr_scale``) with a
     linear warmup from ``warmup_lr`` then cosine to ``min_lr * lr_scale``, stepped every optimiser
     step or every epoch (``interval``); ``lr`` and ``min_lr`` are first scaled to the effective
-    batch by :func:`scale_lr` (``warmup_lr`` is not scaled, as in DeiT)."""
+    batch by :func:`scale_lr` (``warmup_lr`` is not scaled, as in DeiT). ``fused``: ``None`` fuses
+    AdamW except under mixed precision, where Lightning's plugin refuses to clip its gradients; a
+    task that clips them itself passes ``True``."""
     lr, min_lr = scale_lr(trainer, lr, min_lr, lr_base_batch, scale_min_lr)
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    mixed = "mixed" in str(trainer.precision)  # Lightning cannot clip gradients of fused AdamW there
-    optimizer = build_adamw(groups, lr=lr, betas=tuple(betas), fused=not mixed)
+    if fused is None:
+        fused = "mixed" not in str(trainer.precision)  # Lightning cannot clip gradients of fused AdamW there
+    optimizer = build_adamw(groups, lr=lr, betas=tuple(betas), fused=fused)
     total, warmup = schedule_steps(trainer, warmup_epochs, warmup_steps, interval)
     lam = warmup_cosine_lambda(total, warmup, min_lr / lr, warmup_lr / lr, warmup_prefix)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)

@@ -1,6 +1,11 @@
 """Pictures of what a run learns, as uint8 ``H x W x 3`` arrays (no plotting library needed):
 masked images, token maps, attention maps, confusion matrices, codebook usage, and the grid and
 logger plumbing that :class:`~beit_lightning.callbacks.ValidationImages` and the notebooks share.
+
+A picture in the logs must read without the code: :func:`titled_grid` puts a title over each
+column, optional titles over the rows and a legend under the grid, and enlarges small cells
+(nearest neighbour) so that a 32px or 64px image is seen at ``min_size`` pixels. Text is drawn with
+Pillow's built-in font (no font files).
 """
 
 from __future__ import annotations
@@ -14,19 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "RIGHT_WRONG_COLOURS",
     "attention_maps",
     "bar_chart",
     "class_palette",
     "colour_map",
+    "colour_scale",
     "confusion_image",
     "heatmap",
     "hstack",
     "log_image",
     "masked_image",
+    "right_wrong_map",
+    "text_band",
+    "titled_grid",
     "token_colours",
     "to_uint8",
+    "upscale",
     "vstack",
 ]
+
+#: colours of :func:`right_wrong_map`: green = right, red = wrong, white = not predicted
+RIGHT_WRONG_COLOURS = torch.tensor([[40, 170, 60], [215, 45, 45], [255, 255, 255]], dtype=torch.uint8)
 
 
 def token_colours(num: int, seed: int = 0) -> torch.Tensor:
@@ -111,6 +125,107 @@ def hstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
 def vstack(images: Sequence[torch.Tensor], gap: int = 2) -> torch.Tensor:
     """Images one above the other (white gaps; narrower ones padded on the right)."""
     return _stack(images, 0, gap)
+
+
+def right_wrong_map(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                    size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Where a prediction is right (green) or wrong (red) at the positions of ``mask`` (``h x w``
+    bool), white elsewhere (:data:`RIGHT_WRONG_COLOURS`), as an ``H x W x 3`` uint8 image."""
+    status = torch.where(predicted.cpu() == target.cpu(), 0, 1)
+    return colour_map(torch.where(mask.cpu().bool(), status, 2), RIGHT_WRONG_COLOURS, size)
+
+
+# --- text, titles and legends ----------------------------------------------------------------
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` (``\\n`` starts a new line) to lines at most ``width`` px wide
+    (a single word longer than that stays on its own line)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
+def text_band(text: str, width: int, size: int = 14, centre: bool = False) -> torch.Tensor:
+    """``text`` in black on a white band ``width`` px wide (``H x W x 3`` uint8), wrapped to the
+    width, left-aligned or centred; the band is as tall as its lines."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    lines = _wrap(text, font, max(1, width - 4))
+    line_height = size + size // 3
+    band = Image.new("RGB", (width, line_height * len(lines) + 4), "white")
+    draw = ImageDraw.Draw(band)
+    for n, line in enumerate(lines):
+        left = max(0, (width - font.getlength(line)) / 2) if centre else 2
+        draw.text((left, 2 + n * line_height), line, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(band).copy())
+
+
+def colour_scale(width: int, height: int = 12, low: str = "low", high: str = "high", size: int = 14) -> torch.Tensor:
+    """The :func:`heatmap` colours from lowest to highest as a bar, ``low`` and ``high`` written at
+    its ends (``H x W x 3`` uint8, ``width`` px wide): the key of a heat map."""
+    font = _font(size)
+    ends = [text_band(t, int(font.getlength(t)) + 6, size) for t in (low, high)]
+    bar_width = max(8, width - sum(e.shape[1] for e in ends) - 8)
+    bar = heatmap(torch.linspace(0, 1, bar_width)[None].expand(height, bar_width))
+    line = max(e.shape[0] for e in ends)
+    bar = F.pad(bar.permute(2, 0, 1), (0, 0, (line - height) // 2, 0), value=255).permute(1, 2, 0)
+    return hstack([ends[0], bar, ends[1]], gap=4)
+
+
+def upscale(image: torch.Tensor, min_size: int = 160) -> torch.Tensor:
+    """``image`` (``H x W x 3`` uint8) enlarged by the smallest whole factor that makes its short
+    side at least ``min_size`` (nearest neighbour: patches stay sharp squares); unchanged if it is
+    already that large."""
+    return _enlarge(image, _factor(image, min_size))
+
+
+def _factor(image: torch.Tensor, min_size: int) -> int:
+    return max(1, -(-min_size // max(1, min(image.shape[:2]))))
+
+
+def _enlarge(image: torch.Tensor, factor: int) -> torch.Tensor:
+    return image if factor == 1 else image.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+
+
+def titled_grid(rows: Sequence[Sequence[torch.Tensor]], titles: Sequence[str], legend: str | None = None,
+                row_titles: Sequence[str] | None = None, min_size: int = 160, gap: int = 4,
+                text_size: int = 14) -> torch.Tensor:
+    """A grid of pictures (``rows[r][c]``: ``H x W x 3`` uint8) that reads on its own: ``titles``
+    over the columns, ``row_titles`` (if given) over each row, ``legend`` (saying what the colours
+    mean) under the grid. All cells are enlarged by one whole factor (:func:`upscale`) so the
+    smallest is at least ``min_size`` px; cells of a column are padded to its widest."""
+    if not rows or any(len(row) != len(titles) for row in rows):
+        raise ValueError(f"titled_grid needs one title per column: {len(titles)} titles for rows of "
+                         f"{sorted({len(r) for r in rows})} pictures")
+    if row_titles is not None and len(row_titles) != len(rows):
+        raise ValueError(f"titled_grid got {len(row_titles)} row titles for {len(rows)} rows")
+    factor = max(_factor(c, min_size) for row in rows for c in row)  # the smallest cell sets it
+    cells = [[_enlarge(c, factor) for c in row] for row in rows]
+    widths = [max(row[c].shape[1] for row in cells) for c in range(len(titles))]
+    header = hstack([text_band(t, w, text_size, centre=True) for t, w in zip(titles, widths, strict=True)], gap)
+    parts = [header]
+    for r, row in enumerate(cells):
+        body = hstack([_pad_to(c, width=w) for c, w in zip(row, widths, strict=True)], gap)
+        if row_titles is not None:
+            parts.append(text_band(row_titles[r], body.shape[1], text_size))
+        parts.append(body)
+    if legend:
+        parts.append(text_band(legend, header.shape[1], text_size))
+    return vstack(parts, gap)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from .datamodule import (
     ImageShardsDataModule,
 )
 from .generated import CLASS_NAMES, SEGMENTATION_CLASS_NAMES, GeneratedImages, GeneratedSegmentation
-from .masking import BlockwiseMaskGenerator, RandomSplitGenerator
+from .masking import BlockwiseMaskGenerator, RandomMaskGenerator, RandomSplitGenerator
 from .retrieval import GeneratedRetrievalDataModule, RetrievalDataModule, RetrievalFolderDataModule
 from .samplers import ClassBalancedSampler
 from .segmentation import (
@@ -41,6 +41,7 @@ __all__ = [
     "BeitDataModule",
     "BeitPretrainTransform",
     "BlockwiseMaskGenerator",
+    "RandomMaskGenerator",
     "ClassBalancedSampler",
     "ClassificationTransform",
     "EpochLoader",

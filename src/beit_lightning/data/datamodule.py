@@ -26,8 +26,9 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import patch_auto_augment
+from .decode import ImageDecodeError, open_encoded
 from .generated import CLASS_NAMES
-from .masking import BlockwiseMaskGenerator, RandomSplitGenerator
+from .masking import BlockwiseMaskGenerator, RandomMaskGenerator, RandomSplitGenerator
 from .samplers import RepeatedAugmentationSampler
 from .shards import generated_records, list_images, write_shards
 from .streaming import (
@@ -41,7 +42,7 @@ from .streaming import (
 from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, GanImageTransform, TokenizerViewTransform
 
 MODES = ("pretrain", "finetune", "tokenizer", "gan")
-MASKINGS = ("blockwise", "split", "split_uniform")
+MASKINGS = ("blockwise", "random", "split", "split_uniform")
 
 
 class ClassificationTransform:
@@ -90,12 +91,17 @@ class BeitDataModule(pl.LightningDataModule):
         repeated_aug: repeated augmentation (DeiT: 3): each image read gives this many differently
             augmented samples, and an epoch keeps its length (so it holds 1/``repeated_aug`` of the
             distinct images, as DeiT's ``RASampler``). 1: off.
-        fast_decode: pre-training views computed the fast way (``BeitPretrainTransform(fast_decode=True)``:
-            same draws and distribution, pixels within ~1 level; see ``tests/test_fast_decode.py``).
+        fast_decode: pre-training views computed the fast way (the default: ``BeitPretrainTransform(
+            fast_decode=True)``, ~2x the official pipeline per core; same draws and distribution,
+            pixels within ~1 level, see benchmarks/RESULTS.md); the data sets then hand the
+            transform undecoded images, whose decoding errors are skipped and counted like
+            unreadable files. ``False``: the exact path (the official pixels). Validation stays exact.
         masking: what ``mask`` holds in pre-training: ``"blockwise"`` (BEiT's masked patches),
             ``"split"`` (SplitMask: half B of a random split, drawn blockwise with
             :class:`~beit_lightning.data.RandomSplitGenerator`; ``num_masking_patches`` is its size)
-            or ``"split_uniform"`` (a uniformly random half B).
+            or ``"split_uniform"`` (a uniformly random half B); ``"random"``: ``num_masking_patches``
+            patches drawn uniformly (:class:`~beit_lightning.data.RandomMaskGenerator`: the BEiT paper's
+            "- blockwise masking" ablation).
     """
 
     #: images with class labels (or none); tasks declare the kind of data they need (cli checks)
@@ -125,7 +131,7 @@ class BeitDataModule(pl.LightningDataModule):
         tokenizer_interpolation: str = "lanczos",
         mask_exact_count: bool = True,
         repeated_aug: int = 1,
-        fast_decode: bool = False,
+        fast_decode: bool = True,
         masking: str = "blockwise",
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -151,6 +157,8 @@ class BeitDataModule(pl.LightningDataModule):
                 self.mask_generator = BlockwiseMaskGenerator(
                     (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect, exact=mask_exact_count
                 )
+            elif masking == "random":
+                self.mask_generator = RandomMaskGenerator((grid, grid), num_masking_patches)
             else:
                 self.mask_generator = RandomSplitGenerator(
                     (grid, grid), num_masking_patches, min_num_patches, max_num_patches, min_aspect,
@@ -221,8 +229,11 @@ class _Samples(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        img, label = self.images[index]
-        sample = self.sample_transform(img)
+        if isinstance(self.images, ImageFiles):  # the transform may decode (and fail) itself
+            sample, label = self.images.sample(index, self.sample_transform)
+        else:
+            img, label = self.images[index]
+            sample = self.sample_transform(img)
         sample["label"] = torch.tensor(label, dtype=torch.long)
         return sample
 
@@ -236,7 +247,9 @@ class ImageFiles(Dataset):
     at the end), image and label. The substitute depends only on the index and on which files are
     readable, so the same index always gives the same sample, and batches keep their size. Each
     request of an unreadable index counts once, however many unreadable files follow it. Files
-    found unreadable are remembered by each process and not opened again.
+    found unreadable are remembered by each process and not opened again. Through
+    :meth:`sample`, a transform that decodes itself (``accepts_undecoded``: the fast pre-training
+    path) gets the image undecoded, and a file it fails to decode is skipped the same way.
 
     Args:
         files: ``(path, label)`` pairs.
@@ -267,24 +280,57 @@ class ImageFiles(Dataset):
             with Image.open(path) as img:
                 return img.convert("RGB"), label
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, named and counted
-            self._unreadable.add(path)
-            warnings.warn(
-                f"skipping unreadable image {path!r} ({type(err).__name__}: {err}); the next readable image of "
-                "the folder takes its place",
-                stacklevel=3,
-            )
+            self._unusable(path, err)
             return None
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def _unusable(self, path: str, err: Exception) -> None:
+        self._unreadable.add(path)
+        warnings.warn(
+            f"skipping unreadable image {path!r} ({type(err).__name__}: {err}); the next readable image of "
+            "the folder takes its place",
+            stacklevel=4,
+        )
+
+    def _read_undecoded(self, index: int, transform) -> tuple[dict, int] | None:
+        """``transform`` applied to the image at ``index`` handed over undecoded (``Image.open`` on
+        the file's bytes in memory: no file handle stays open), or ``None`` (with a warning the
+        first time) if the file cannot be read or the transform cannot decode it
+        (:class:`~.decode.ImageDecodeError`)."""
+        path, label = self.files[index]
+        if path in self._unreadable:
+            return None
+        try:
+            with open(path, "rb") as f:
+                img = open_encoded(f.read())
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, named and counted
+            self._unusable(path, err)
+            return None
+        try:
+            return transform(img), label
+        except ImageDecodeError as err:  # only decoding: a bug elsewhere in the transform still raises
+            self._unusable(path, err)
+            return None
+
+    def sample(self, index: int, transform=None):
+        """``(transform(image), label)`` of the first usable file from ``index`` on (see the class
+        docstring). A transform with ``accepts_undecoded`` true gets the image undecoded and
+        decodes it itself (its decoding errors skip the file as unreadable ones do); any other
+        transform gets the decoded RGB image."""
+        if transform is not None and getattr(transform, "accepts_undecoded", False):
+            return self._first_usable(index, lambda i: self._read_undecoded(i, transform))
+        img, label = self._first_usable(index, self._read)
+        return (transform(img) if transform is not None else img), label
+
+    def _first_usable(self, index: int, read):
         n = len(self.files)
         index = int(index) % n if n else int(index)
-        sample = self._read(index)
+        sample = read(index)
         if sample is not None:
             return sample
         self.skipped.add()
         tries = min(n, self.MAX_SUBSTITUTE_TRIES)
         for step in range(1, tries):
-            sample = self._read((index + step) % n)
+            sample = read((index + step) % n)
             if sample is not None:
                 return sample
         path = self.files[index][0]
@@ -295,6 +341,9 @@ class ImageFiles(Dataset):
         raise RuntimeError(
             f"{what}, from {path!r} on: check the folder (the warnings give each file's error)"
         )
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self._first_usable(index, self._read)
 
 
 class ImageFolderDataModule(BeitDataModule):
@@ -498,7 +547,7 @@ def default_cache_dir() -> str:
     return os.environ.get("BEIT_LIGHTNING_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "beit_lightning")
 
 
-def _shard_pattern(folder: str, num_samples: int, samples_per_shard: int) -> str:
+def shard_pattern(folder: str, num_samples: int, samples_per_shard: int) -> str:
     last = (num_samples - 1) // samples_per_shard
     return os.path.join(folder, f"shard-{{000000..{last:06d}}}.tar")
 
@@ -538,8 +587,8 @@ class GeneratedDataModule(ImageShardsDataModule):
         val_dir = os.path.join(self.data_dir, f"val-{num_val}")
         self._splits = [(train_dir, num_train, seed), (val_dir, num_val, seed + 1_000_003)]
         super().__init__(
-            train_urls=_shard_pattern(train_dir, num_train, samples_per_shard),
-            val_urls=_shard_pattern(val_dir, num_val, samples_per_shard) if num_val > 0 else None,
+            train_urls=shard_pattern(train_dir, num_train, samples_per_shard),
+            val_urls=shard_pattern(val_dir, num_val, samples_per_shard) if num_val > 0 else None,
             seed=seed,
             **kwargs,
         )

@@ -223,3 +223,47 @@ class RandomSplitGenerator:
         mask = np.zeros(self.blocks.num_patches, dtype=bool)
         mask[rng.sample(range(self.blocks.num_patches), self.num_masking_patches)] = True
         return torch.from_numpy(mask.reshape(self.input_size))
+
+
+class RandomMaskGenerator:
+    """Draw uniformly random masks: exactly ``num_masking_patches`` patches, every subset of that
+    size equally likely. The BEiT paper's "- blockwise masking" ablation (Table 4): the same number
+    of masked patches as :class:`BlockwiseMaskGenerator`, without the blocks. The same interface,
+    so the data modules draw it in their workers from the same per-worker, per-rank seeds.
+
+    Args:
+        input_size: the patch grid, ``int`` for square or ``(height, width)``.
+        num_masking_patches: how many patches to mask.
+        seed: seed of a private random stream (``None``: the global ``random`` module).
+    """
+
+    def __init__(self, input_size: int | Sequence[int], num_masking_patches: int, *, seed: int | None = None) -> None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"input_size must be a positive int or (height, width); got {input_size}")
+        self.height, self.width = size
+        self.num_patches = self.height * self.width
+        if not 0 <= num_masking_patches <= self.num_patches:
+            raise ValueError(
+                f"num_masking_patches={num_masking_patches} is impossible on a {self.height}x{self.width} "
+                f"grid: choose a value in [0, {self.num_patches}]"
+            )
+        self.num_masking_patches = int(num_masking_patches)
+        self._rng: random.Random | None = None if seed is None else random.Random(seed)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def seed(self, seed: int) -> None:
+        """Give the generator a private random stream (e.g. per worker and rank)."""
+        self._rng = random.Random(seed)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(input_size={self.input_size}, num_masking_patches={self.num_masking_patches})"
+
+    def __call__(self) -> torch.Tensor:
+        rng = self._rng if self._rng is not None else random
+        mask = np.zeros(self.num_patches, dtype=bool)
+        mask[rng.sample(range(self.num_patches), self.num_masking_patches)] = True
+        return torch.from_numpy(mask.reshape(self.input_size))

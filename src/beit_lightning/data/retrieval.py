@@ -32,7 +32,7 @@ from .datamodule import ImageFiles
 from .generated import GeneratedRetrievalImages, retrieval_split
 from .samplers import ClassBalancedSampler
 from .streaming import SharedCounter, private_generator
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, _interpolation
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode
 
 __all__ = ["GeneratedRetrievalDataModule", "RetrievalDataModule", "RetrievalFolderDataModule"]
 
@@ -109,7 +109,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.num_workers, self.input_size, self.seed = num_workers, input_size, seed
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        resize = T.Resize((resize_size, resize_size), interpolation=_interpolation(interpolation))
+        resize = T.Resize((resize_size, resize_size), interpolation=interpolation_mode(interpolation))
         normalise = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         self.train_transform = T.Compose([resize, T.RandomCrop(input_size), T.RandomHorizontalFlip(hflip), *normalise])
         self.eval_transform = T.Compose([resize, T.CenterCrop(input_size), *normalise])

@@ -37,8 +37,8 @@ from .class_names import ADE20K_CLASSES
 from .datamodule import (
     ImageFiles,
     ImageShardsDataModule,
-    _shard_pattern,
     default_cache_dir,
+    shard_pattern,
     write_shards_once,
 )
 from .generated import SEGMENTATION_CLASS_NAMES
@@ -50,11 +50,11 @@ from .streaming import (
     PrivateRandomness,
     ShardStream,
     SharedCounter,
-    _stream_seed,
     expand_urls,
     private_generator,
     read_shard_index,
     seed_globals,
+    stream_seed,
 )
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -122,7 +122,7 @@ class SeededSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for position, index in enumerate(super().__iter__()):
-            yield index, _stream_seed(self.seed, self.epoch, self.rank, position)
+            yield index, stream_seed(self.seed, self.epoch, self.rank, position)
 
 
 class _SeededSamples(Dataset):
@@ -135,7 +135,7 @@ class _SeededSamples(Dataset):
         return len(self.files)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, _stream_seed(self.seed, "index", key))
+        index, seed = key if isinstance(key, tuple) else (key, stream_seed(self.seed, "index", key))
         img, label = self.files[index]
         if get_worker_info() is not None:  # a worker process: its global generators are the pipeline's own
             seed_globals(seed)
@@ -428,8 +428,8 @@ class GeneratedSegmentationDataModule(SegmentationShardsDataModule):
         self._splits = [(train_dir, num_train, seed), (val_dir, num_val, seed + 1_000_003)]
         kwargs["classes"] = list(SEGMENTATION_CLASS_NAMES[:num_classes])
         super().__init__(
-            train_urls=_shard_pattern(train_dir, num_train, samples_per_shard),
-            val_urls=_shard_pattern(val_dir, num_val, samples_per_shard) if num_val > 0 else None,
+            train_urls=shard_pattern(train_dir, num_train, samples_per_shard),
+            val_urls=shard_pattern(val_dir, num_val, samples_per_shard) if num_val > 0 else None,
             seed=seed, crop_size=crop_size, img_scale=img_scale, **kwargs,
         )
 

@@ -15,8 +15,11 @@ Every (rank, worker) pair is a *slot*; a run has ``world_size x num_workers`` sl
   shards at random with replacement from a ``(seed, epoch, slot)`` stream, with the same fixed
   ``per_worker`` epoch length.
 
-Samples are shuffled in a buffer, decoded with PIL and transformed; undecodable samples and
-unreadable tar data are skipped with a warning and counted in a counter shared across workers.
+Samples are shuffled in a buffer, decoded with PIL and transformed (a transform with
+``accepts_undecoded``, the fast pre-training path, gets the image undecoded and decodes it
+itself, at reduced size where it can); undecodable samples (also those whose decoding fails inside
+the transform) and unreadable tar data are skipped with a warning and counted in a counter
+shared across workers.
 All random draws of the transform (crops, jitter, flips, masks, RandAugment) follow a random
 state seeded from ``(seed, epoch, slot, sample index)``: augmentation is reproducible sample by
 sample. In a worker process the global generators are seeded before each sample; in the training
@@ -48,6 +51,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .decode import ImageDecodeError, open_encoded
 from .shards import INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -151,7 +155,16 @@ def private_generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def _stream_seed(*parts: int | str) -> int:
+class _Undecoded:
+    """The encoded bytes of an image for a transform that decodes itself (``accepts_undecoded``)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def stream_seed(*parts: int | str) -> int:
     return random.Random("/".join(str(p) for p in parts)).getrandbits(62)
 
 
@@ -260,7 +273,7 @@ class ShardStream(IterableDataset):
             return
         order = list(self.urls)
         if self.shuffle:
-            random.Random(_stream_seed(self.seed, epoch, "shards")).shuffle(order)
+            random.Random(stream_seed(self.seed, epoch, "shards")).shuffle(order)
         if len(order) >= slots:
             mine, stride, offset = order[slot::slots], 1, 0
         else:  # fewer shards than readers: everyone reads all, keeps every slots-th sample
@@ -280,9 +293,12 @@ class ShardStream(IterableDataset):
         if key is None:
             return self._skip(sample, f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if not k.startswith('__'))}")
         try:
+            label = int(sample["cls"]) if "cls" in sample else -1
+            if getattr(self.sample_transform, "accepts_undecoded", False):
+                open_encoded(sample[key])  # the header: a sample that is no image is skipped here
+                return _Undecoded(sample[key]), label
             with Image.open(io.BytesIO(sample[key])) as img:
                 img = img.convert("RGB")
-            label = int(sample["cls"]) if "cls" in sample else -1
             return img, label
         except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped and counted
             return self._skip(sample, f"{type(err).__name__}: {err}")
@@ -292,9 +308,19 @@ class ShardStream(IterableDataset):
         self.skipped.add()
         warnings.warn(f"skipping undecodable sample {sample.get('__key__')} in {sample.get('__url__')}: {reason}", stacklevel=3)
 
+    def _failed(self, failures: int) -> int:
+        """One more sample in a row that could not be used; raises when there are too many."""
+        failures += 1
+        if failures > _MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{failures} samples in a row could not be read from {self.urls[:3]}: check the shards")
+        return failures
+
     def _make_sample(self, decoded: Any) -> dict[str, torch.Tensor]:
-        """The batch-format dict of one decoded sample (called under the sample's random state)."""
+        """The batch-format dict of one decoded sample (called under the sample's random state).
+        May raise :class:`~.decode.ImageDecodeError` (the sample is then skipped and counted)."""
         img, label = decoded
+        if isinstance(img, _Undecoded):  # opened afresh for each repeated copy: decoding changes it
+            img = open_encoded(img.data)
         out = self.sample_transform(img)
         out["label"] = torch.tensor(label, dtype=torch.long)
         return out
@@ -309,7 +335,7 @@ class ShardStream(IterableDataset):
         worker = (worker + consumed) % workers
         slot, slots = self.rank * workers + worker, self.world_size * workers
         epoch = self.epoch
-        seed = _stream_seed(self.seed, epoch, slot)
+        seed = stream_seed(self.seed, epoch, slot)
         rng = random.Random(seed)
         skip = (max(0, consumed - worker) + workers - 1) // workers * self.batch_size
         wanted, produced, failures = self.per_worker(workers), skip, 0
@@ -325,21 +351,24 @@ class ShardStream(IterableDataset):
                 first_copy, skip = skip, 0
                 decoded = self._decode(sample)
                 if decoded is None:
-                    failures += 1
-                    if failures > _MAX_CONSECUTIVE_FAILURES:
-                        raise RuntimeError(f"{failures} samples in a row could not be read from {self.urls[:3]}: check the shards")
+                    failures = self._failed(failures)
                     continue
-                failures = 0
                 for _ in range(first_copy, self.repeats):
                     if produced >= wanted:
                         return
-                    sample_seed = _stream_seed(self.seed, epoch, slot, produced)
-                    if info is not None:  # a worker process: its global generators are the pipeline's own
-                        seed_globals(sample_seed)
-                        out = self._make_sample(decoded)
-                    else:
-                        with PrivateRandomness(sample_seed):
+                    sample_seed = stream_seed(self.seed, epoch, slot, produced)
+                    try:
+                        if info is not None:  # a worker process: its global generators are the pipeline's own
+                            seed_globals(sample_seed)
                             out = self._make_sample(decoded)
+                        else:
+                            with PrivateRandomness(sample_seed):
+                                out = self._make_sample(decoded)
+                    except ImageDecodeError as err:  # decoded inside the transform: skipped, named, counted
+                        self._skip(sample, str(err))
+                        failures = self._failed(failures)
+                        break
+                    failures = 0
                     produced += 1
                     yield out
             if produced >= wanted:

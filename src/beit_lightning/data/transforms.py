@@ -7,24 +7,29 @@ and to ``tokenizer_size`` with Lanczos for the tokenizer (kept in [0, 1]). Rando
 torch's and Python's global generators, which PyTorch/Lightning seed per worker and rank.
 
 ``fast_decode=True`` computes the same sample distribution with less work per image (see
-:meth:`BeitPretrainTransform.fast_views`): the random draws are the same (same generator, same
-order, crop drawn on the full-resolution size), but the pixels are computed differently:
+:meth:`BeitPretrainTransform.fast_views` and :mod:`.decode`): the random draws are the same (same
+generator, same order, crop drawn on the full-resolution size), but the pixels are computed
+differently:
 
-- a JPEG handed over still undecoded (``Image.open`` without ``convert``/``load``) is decoded at
-  1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``) when the crop stays at least
-  ``input_size`` pixels on each side at that scale; otherwise (small crops, PNG and other formats,
-  images already decoded) it is decoded at full resolution;
-- the crop is resized straight from the decoded image (``resize(box=...)``, no crop copy), the flip
-  mirrors the crop box and the (small) views instead of the whole image;
-- colour jitter is applied to the two resized views instead of the whole image before the crop,
-  in float (torchvision's tensor semantics: clamp to [0, 1] after each step, no rounding to 8 bits
-  in between). Brightness and saturation are per-pixel maps, so only their clipping and rounding
-  differ from jitter-then-resize; contrast blends with the grey mean *of the whole image* at that
-  step, as the official order does, and this mean is taken from a thumbnail of the whole image
-  with the preceding steps applied to it (not the mean of the crop, which would change the
-  augmentation).
+- an image handed over still undecoded (``Image.open`` on in-memory bytes, without
+  ``convert``/``load``: what the data sets do when the transform is fast) is decoded inside the
+  transform: a JPEG at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``) when the
+  crop stays at least ``input_size`` pixels on each side at that scale, else at full size by
+  torchvision's ``decode_jpeg``; other formats and decoded images by Pillow;
+- the crop is resized straight from the decoded pixels (no crop copy) by torchvision's uint8
+  antialiased kernels (bicubic/bilinear: Pillow's filters), and the tokenizer view is resized
+  from the final (flipped, jittered) backbone view when it is smaller (``tokenizer_size <
+  input_size``; Lanczos by Pillow) instead of from the crop; the flip mirrors the crop box and
+  the (small) views instead of the whole image;
+- colour jitter is applied to the resized view(s) instead of the whole image before the crop
+  (emulating PIL's 8-bit steps, see :func:`jitter_views`). Brightness and saturation are
+  per-pixel maps, so only their clipping and rounding differ from jitter-then-resize; contrast
+  blends with the grey mean *of the whole image* at that step, as the official order does, and
+  this mean is taken from a strided sample of the whole image's pixels with the preceding steps
+  applied to it (not the mean of the crop, which would change the augmentation).
 
-``tests/test_fast_decode.py`` bounds the pixel difference against the exact path.
+``tests/test_fast_decode.py`` bounds the pixel difference against the exact path; benchmarks/RESULTS.md
+states it per view.
 """
 
 from __future__ import annotations
@@ -33,11 +38,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageStat
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .decode import (
+    PIL_RESAMPLE,
+    ImageDecodeError,
+    decode_rgb,
+    decode_tensor,
+    draft_scale,
+    is_undecoded_jpeg,
+    resize_uint8,
+    tensor_to_pil,
+)
 from .masking import BlockwiseMaskGenerator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,52 +68,7 @@ _INTERPOLATIONS = {
 }
 
 
-_PIL_RESAMPLE = {
-    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
-    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-    InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
-    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
-}
-_DRAFT_SCALES = (8, 4, 2)
-_THUMBNAIL_SIDE = 64  # contrast's whole-image grey mean is taken at about this size
-
-
-def _is_undecoded_jpeg(img: Image.Image) -> bool:
-    """``img`` is a JPEG opened by PIL whose pixels are not decoded yet (``draft`` still works)."""
-    return img.format == "JPEG" and bool(getattr(img, "tile", None)) and not getattr(img, "decoderconfig", ())
-
-
-def draft_scale(image_size: tuple[int, int], crop: tuple[int, int, int, int], min_side: int) -> int:
-    """The largest JPEG DCT reduction (8, 4, 2 or 1) that keeps the ``(top, left, height, width)``
-    crop of an image of ``image_size`` (width, height) at least ``min_side`` pixels on each side."""
-    _, _, height, width = crop
-    for s in _DRAFT_SCALES:
-        if min(height, width) >= s * min_side and min(image_size) >= s:
-            return s
-    return 1
-
-
-def decode_rgb(img: Image.Image, crop: tuple[int, int, int, int] | None = None, min_side: int = 0) -> tuple[Image.Image, int]:
-    """Decode ``img`` to RGB, at a reduced scale when it is an undecoded JPEG and ``crop`` allows
-    it (see :func:`draft_scale`). Returns the image and the scale (1: full resolution)."""
-    scale = 1
-    if crop is not None and _is_undecoded_jpeg(img):
-        scale = draft_scale(img.size, crop, min_side)
-        if scale > 1:
-            full = img.size
-            img.draft("RGB", (full[0] // scale, full[1] // scale))
-            if img.size != ((full[0] + scale - 1) // scale, (full[1] + scale - 1) // scale):  # pragma: no cover
-                raise RuntimeError(f"JPEG draft gave {img.size} for {full} at 1/{scale}")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    else:
-        img.load()
-    return img, scale
-
-
-def _to_float(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 CxHxW tensor of its 8-bit levels (0..255)."""
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(torch.float32)
+_THUMBNAIL_SIDE = 64  # contrast's whole-image grey mean is taken on about this many pixels a side
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +85,8 @@ def jitter_views(views: Sequence[torch.Tensor], params, whole: torch.Tensor) -> 
     """Apply colour jitter (``T.ColorJitter.get_params``'s draws; no hue) to CxHxW float tensors of
     8-bit levels, step by step as PIL's ``ImageEnhance`` does (each step clipped and truncated to
     an 8-bit level, so the only difference from jitter-then-resize is where clipping and
-    truncation meet the resampling). Contrast pivots on the grey mean of ``whole`` (a thumbnail of
-    the whole image) after the steps that precede it, rounded as ``ImageEnhance.Contrast`` does."""
+    truncation meet the resampling). Contrast pivots on the grey mean of ``whole`` (a strided
+    sample of the whole image's pixels) after the steps that precede it, rounded as ``ImageEnhance.Contrast`` does."""
     order, brightness, contrast, saturation, hue = params
     if hue is not None and hue != 0:  # pragma: no cover - BeitPretrainTransform draws no hue
         raise NotImplementedError("fast colour jitter has no hue step")
@@ -132,7 +102,28 @@ def jitter_views(views: Sequence[torch.Tensor], params, whole: torch.Tensor) -> 
     return views[:-1]
 
 
-def _interpolation(name: str) -> InterpolationMode:
+def jitter_images(views: Sequence[Image.Image], params, whole: Image.Image) -> list[Image.Image]:
+    """:func:`jitter_views` on RGB PIL images with Pillow's own ``ImageEnhance`` arithmetic (what
+    ``T.ColorJitter`` runs on a PIL image), the cheaper way on a CPU: brightness and saturation as
+    ``ImageEnhance`` does them; contrast blends each view with the grey mean of ``whole`` (the
+    whole image, sampled) after the steps that precede it, where ``ImageEnhance.Contrast`` would
+    take the view's own mean."""
+    order, brightness, contrast, saturation, hue = params
+    if hue is not None and hue != 0:  # pragma: no cover - BeitPretrainTransform draws no hue
+        raise NotImplementedError("fast colour jitter has no hue step")
+    images = list(views) + [whole]
+    for fn_id in order.tolist():
+        if fn_id == 0 and brightness is not None:
+            images = [ImageEnhance.Brightness(v).enhance(brightness) for v in images]
+        elif fn_id == 1 and contrast is not None:
+            mean = int(ImageStat.Stat(images[-1].convert("L")).mean[0] + 0.5)
+            images = [Image.blend(Image.new("RGB", v.size, (mean,) * 3), v, contrast) for v in images]
+        elif fn_id == 2 and saturation is not None:
+            images = [ImageEnhance.Color(v).enhance(saturation) for v in images]
+    return images[:-1]
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
     try:
         return _INTERPOLATIONS[name]
     except KeyError:
@@ -151,10 +142,11 @@ class BeitPretrainTransform:
         color_jitter: brightness/contrast/saturation strength (0.4); 0 disables.
         hflip: probability of a horizontal flip.
         mean, std: normalisation of the backbone view (BEiT's code default: 0.5/0.5).
-        fast_decode: compute the views the fast way (reduced-scale JPEG decoding where the crop
-            allows it, resize straight from the decoded image, colour jitter on the views; see
-            the module's docstring). Same random draws and distribution; pixels differ slightly.
-            Give it the image from ``Image.open`` before ``convert``/``load`` to let it decode.
+        fast_decode: compute the views the fast way (torchvision's JPEG decoder, or reduced-scale
+            decoding where the crop allows it; torchvision's uint8 resize; the tokenizer view from
+            the backbone view; colour jitter on the views; see the module's docstring). Same random
+            draws and distribution; pixels differ by about a level. Give it the image from
+            ``Image.open`` on in-memory bytes before ``convert``/``load`` to let it decode.
     """
 
     def __init__(
@@ -180,8 +172,8 @@ class BeitPretrainTransform:
         self.color_jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
         self.hflip = float(hflip)
         self.mean, self.std = list(mean), list(std)
-        self.interpolation = _interpolation(interpolation)
-        self.tokenizer_interpolation = _interpolation(tokenizer_interpolation)
+        self.interpolation = interpolation_mode(interpolation)
+        self.tokenizer_interpolation = interpolation_mode(tokenizer_interpolation)
 
     def __repr__(self) -> str:
         return (
@@ -201,35 +193,71 @@ class BeitPretrainTransform:
         image = TF.normalize(TF.to_tensor(view), self.mean, self.std)
         return image, TF.to_tensor(token_view)
 
+    @property
+    def accepts_undecoded(self) -> bool:
+        """Data sets hand this transform images still undecoded (``Image.open`` on in-memory bytes)
+        and catch :class:`~.decode.ImageDecodeError` from it: true on the fast path, which decodes
+        (at reduced size where it can) inside."""
+        return self.fast_decode
+
     def fast_views(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of :meth:`__call__`'s exact path, computed the fast way (module docstring).
 
         The draws are those of the exact path, in its order: colour-jitter parameters, flip, crop
-        on the full-resolution size."""
+        on the full-resolution size. Decoding errors are raised as :class:`~.decode.ImageDecodeError`."""
         jitter = self.color_jitter
         params = T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) if jitter else None
         flip = bool(self.hflip and torch.rand(()) < self.hflip)
         top, left, height, width = self.crop_params(img)
-        full_width = img.size[0]
         if flip:  # the crop of the flipped image is the flipped crop of the mirrored box
-            left = full_width - left - width
-        img, scale = decode_rgb(img, (top, left, height, width), self.input_size)
-        box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-        views = [
-            img.resize((size, size), _PIL_RESAMPLE[interpolation], box=box)
-            for size, interpolation in ((self.input_size, self.interpolation), (self.tokenizer_size, self.tokenizer_interpolation))
-        ]
+            left = img.size[0] - left - width
+        try:
+            if is_undecoded_jpeg(img) and draft_scale(img.size, (top, left, height, width), self.input_size) > 1:
+                views, whole = self._reduced_views(img, (top, left, height, width))
+            else:
+                views, whole = self._full_size_views(decode_tensor(img), (top, left, height, width))
+        except Exception as err:  # noqa: BLE001 - whatever the decoder raises: the data sets skip the sample
+            raise ImageDecodeError(f"cannot decode the image ({type(err).__name__}: {err})") from err
         if flip:
             views = [v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for v in views]
-        tensors = [_to_float(v) for v in views]
         if params is not None:
-            reduce = max(1, min(img.size) // _THUMBNAIL_SIDE)
-            whole = _to_float(img.reduce(reduce) if reduce > 1 else img)
-            tensors = jitter_views(tensors, params, whole)
-        image, tokenizer_image = tensors
+            views = jitter_images(views, params, whole)
+        if len(views) == 1:  # the tokenizer view from the (jittered, flipped) backbone view, as the
+            # official order (jitter, flip, then resize) has it
+            views.append(views[0].resize((self.tokenizer_size,) * 2, PIL_RESAMPLE[self.tokenizer_interpolation]))
+        image, tokenizer_image = (TF.pil_to_tensor(v) for v in views)
         std = torch.tensor(self.std).view(3, 1, 1)
         shift = torch.tensor(self.mean).view(3, 1, 1) / std
-        return image.mul_(1 / 255 / std).sub_(shift), tokenizer_image.mul_(1 / 255)
+        # uint8 -> float and normalisation in one pass each
+        return torch.addcmul(-shift, image, 1 / 255 / std), torch.mul(tokenizer_image, torch.tensor(1 / 255))
+
+    def _full_size_views(self, pixels: torch.Tensor, crop: tuple[int, int, int, int]) -> tuple[list[Image.Image], Image.Image]:
+        """The backbone view and, unless it is to be resized from the backbone view later
+        (``tokenizer_size < input_size``), the tokenizer view, from full-resolution uint8 pixels;
+        and a strided sample of the whole image (contrast's mean); as PIL images."""
+        top, left, height, width = crop
+        crop_pixels = pixels[:, top : top + height, left : left + width]
+        view = tensor_to_pil(resize_uint8(crop_pixels, self.input_size, self.interpolation))
+        step = max(1, min(pixels.shape[1:]) // _THUMBNAIL_SIDE)
+        whole = tensor_to_pil(pixels[:, ::step, ::step])
+        if self.tokenizer_size < self.input_size:
+            return [view], whole
+        if self.tokenizer_size == self.input_size and self.tokenizer_interpolation == self.interpolation:
+            return [view, view], whole
+        return [view, tensor_to_pil(resize_uint8(crop_pixels, self.tokenizer_size, self.tokenizer_interpolation))], whole
+
+    def _reduced_views(self, img: Image.Image, crop: tuple[int, int, int, int]) -> tuple[list[Image.Image], Image.Image]:
+        """As :meth:`_full_size_views` for a JPEG decoded at 1/2-1/8 scale (``Image.draft``): the
+        crop box, scaled, is fractional, which Pillow's ``resize(box=...)`` takes as it is."""
+        top, left, height, width = crop
+        img, scale = decode_rgb(img, crop, self.input_size)
+        box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        views = [
+            img.resize((size, size), PIL_RESAMPLE[interpolation], box=box)
+            for size, interpolation in ((self.input_size, self.interpolation), (self.tokenizer_size, self.tokenizer_interpolation))
+        ]
+        step = max(1, min(img.size) // _THUMBNAIL_SIDE)
+        return views, Image.fromarray(np.asarray(img)[::step, ::step])
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         if self.fast_decode:
@@ -254,7 +282,7 @@ class TokenizerViewTransform:
     def __init__(self, size: int = 112, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, interpolation: str = "lanczos") -> None:
         self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), float(hflip)
-        self.interpolation = _interpolation(interpolation)
+        self.interpolation = interpolation_mode(interpolation)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, hflip={self.hflip})"
@@ -277,7 +305,7 @@ class GanImageTransform:
     def __init__(self, size: int = 32, hflip: float = 0.5, mean: Sequence[float] = BEIT_MEAN,
                  std: Sequence[float] = BEIT_STD, interpolation: str = "bicubic") -> None:
         self.size, self.hflip, self.mean, self.std = int(size), float(hflip), tuple(mean), tuple(std)
-        self.interpolation = _interpolation(interpolation)
+        self.interpolation = interpolation_mode(interpolation)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, hflip={self.hflip}, mean={self.mean}, std={self.std})"
@@ -287,5 +315,5 @@ class GanImageTransform:
         if self.hflip and torch.rand(()) < self.hflip:
             img = TF.hflip(img)
         if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), _PIL_RESAMPLE[self.interpolation])
+            img = img.resize((self.size, self.size), PIL_RESAMPLE[self.interpolation])
         return {"image": TF.normalize(TF.to_tensor(img), self.mean, self.std)}

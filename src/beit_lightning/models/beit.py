@@ -21,10 +21,11 @@ import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from torch import nn
 
+from .attention import check_attention, set_attention
 from .backbones import FAMILIES, backbone_family, family_of_name
 from .timm_sizes import TIMM_SIZES  # noqa: F401 - importing registers the beit_lightning_* timm names
 
-__all__ = ["BeitForMaskedImageModeling", "MIM_BACKBONE_DEFAULTS", "PRETRAIN_BACKBONE_DEFAULTS", "beit_init_"]
+__all__ = ["BeitForMaskedImageModeling", "MIM_BACKBONE_DEFAULTS", "PRETRAIN_BACKBONE_DEFAULTS", "beit_init_", "gather_masked"]
 
 #: timm ``Beit`` arguments of BEiT pre-training (paper section 2.5 and the official
 #: ``modeling_pretrain.py``): shared relative position bias, no absolute position embedding,
@@ -48,7 +49,7 @@ MIM_BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _trunc_normal_std_(tensor: torch.Tensor, std: float) -> None:
+def trunc_normal_std_(tensor: torch.Tensor, std: float) -> None:
     """BEiT's truncated normal: cut at +-std (timm's default cut is +-2 in absolute value)."""
     trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
 
@@ -66,19 +67,19 @@ def beit_init_(backbone: nn.Module, init_std: float = 0.02) -> None:
     with torch.no_grad():
         for module in backbone.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                _trunc_normal_std_(module.weight, init_std)
+                trunc_normal_std_(module.weight, init_std)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
         if backbone.cls_token is not None:  # a ViT may have none (global average pooling)
-            _trunc_normal_std_(backbone.cls_token, init_std)
+            trunc_normal_std_(backbone.cls_token, init_std)
         if backbone.pos_embed is not None:
-            _trunc_normal_std_(backbone.pos_embed, init_std)
+            trunc_normal_std_(backbone.pos_embed, init_std)
         for name in ("dist_token", "reg_token"):  # DeiT, ViT with registers
             if getattr(backbone, name, None) is not None:
-                _trunc_normal_std_(getattr(backbone, name), init_std)
+                trunc_normal_std_(getattr(backbone, name), init_std)
         for block in backbone.blocks:
             if getattr(block.attn, "q_bias", None) is not None:
                 block.attn.q_bias.zero_()
@@ -100,6 +101,9 @@ class BeitForMaskedImageModeling(nn.Module):
             XCiT's ``eta``, ...). For BEiT, pre-training's own position-bias choice
             (:data:`PRETRAIN_BACKBONE_DEFAULTS`: one shared relative position bias) replaces the
             fine-tuning one ``arch`` holds; sizes (``depth``, ...) pass through.
+        attention: the attention kernel of a BEiT backbone (:mod:`beit_lightning.models.attention`):
+            ``"sdpa"`` (timm's), ``"sdpa_efficient"`` (memory-efficient / cuDNN SDPA on CUDA) or
+            ``"flex"`` (FlexAttention, the bias as a ``score_mod``). Other families: ``"sdpa"`` only.
         **backbone_kwargs: passed to ``timm.create_model`` on top of the family's
             :data:`MIM_BACKBONE_DEFAULTS` (e.g. ``drop_path_rate``, ``img_size``). ``init_values``
             is the layer-scale initial value (timm's ``eta`` for XCiT; ``None``: no layer scale
@@ -129,6 +133,7 @@ class BeitForMaskedImageModeling(nn.Module):
         vocab_size: int = 8192,
         init_std: float = 0.02,
         arch: dict[str, Any] | None = None,
+        attention: str = "sdpa",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -139,6 +144,7 @@ class BeitForMaskedImageModeling(nn.Module):
                 f"(vit_*, deit_*, xcit_*: the timm modules {sorted(m for ms in FAMILIES.values() for m in ms)}); "
                 f"got {backbone!r}"
             )
+        check_attention(attention, family)
         if family == "beit":
             kwargs = {**(arch or {}), **PRETRAIN_BACKBONE_DEFAULTS, **backbone_kwargs}
         else:
@@ -152,6 +158,8 @@ class BeitForMaskedImageModeling(nn.Module):
         if backbone_family(self.backbone) != family:
             raise TypeError(f"{backbone!r} did not build a timm {family} model but {type(self.backbone).__name__}")
         self.family = family
+        self.attention = attention
+        set_attention(self.backbone, attention)  # BEiT: the kernel of the relative position bias
         if family == "vit":
             from timm.layers import PatchEmbed
 
@@ -173,8 +181,8 @@ class BeitForMaskedImageModeling(nn.Module):
         if self.family in ("beit", "vit"):
             beit_init_(self.backbone, self.init_std)
         with torch.no_grad():
-            _trunc_normal_std_(self.mask_token, self.init_std)
-            _trunc_normal_std_(self.lm_head.weight, self.init_std)
+            trunc_normal_std_(self.mask_token, self.init_std)
+            trunc_normal_std_(self.lm_head.weight, self.init_std)
             self.lm_head.bias.zero_()
 
     @property
@@ -268,6 +276,21 @@ class BeitForMaskedImageModeling(nn.Module):
                 x = block(x, hp, wp)
         return backbone.norm(x)
 
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, num_masked: int | None = None
+    ) -> torch.Tensor:
+        """``num_masked``: every mask has exactly this many masked patches (pre-training's exact
+        blockwise masks), so the rows are gathered without a host synchronisation."""
         patch_tokens = self.forward_features(pixel_values, bool_masked_pos)[:, self.num_prefix_tokens:]
+        if num_masked is not None:
+            return self.lm_head(gather_masked(patch_tokens, bool_masked_pos, num_masked))
         return self.lm_head(patch_tokens[bool_masked_pos.flatten(1)])
+
+
+def gather_masked(x: torch.Tensor, bool_masked_pos: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """``x[bool_masked_pos.flatten(1)]`` (``x``: ``B x N x ...``) for masks with exactly ``num_masked``
+    masked positions each. Boolean indexing waits for the device to count the output rows; here the
+    count is known, and a stable sort puts each row's masked positions first, in their order."""
+    index = bool_masked_pos.flatten(1).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :num_masked]
+    index = index.reshape(*index.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index).flatten(0, 1)

@@ -22,10 +22,13 @@ argmax classes agree).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
+import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -36,8 +39,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models.distillation import DISTILLATION_TYPES, SOFT_REDUCTIONS, distillation_loss
 from ..optim import configure_adamw_cosine, decay_param_groups
+from ..weights.lightning import model_weights
+from ..weights.loader import load_checkpoint
+from ..weights.safety import load_weights_file
+from ..weights.sources import resolve_weights, source_kind
 
-__all__ = ["ImageClassification"]
+__all__ = ["ImageClassification", "create_teacher"]
 
 
 class ImageClassification(pl.LightningModule):
@@ -63,7 +70,7 @@ class ImageClassification(pl.LightningModule):
         distillation: ``"none"``, ``"hard"`` or ``"soft"`` (DeiT's ``--distillation-type``, default none);
             hard and soft need a distilled student (``set_distilled_training``) and a ``teacher``.
         teacher: a frozen classifier with ``num_classes`` outputs
-            (:func:`~beit_lightning.models.create_teacher`); kept in eval mode without gradients, and
+            (:func:`create_teacher`); kept in eval mode without gradients, and
             left out of this task's checkpoints (it is rebuilt from its own file).
         distillation_alpha: weight of the distillation term (``--distillation-alpha``, 0.5).
         distillation_tau: temperature of soft distillation (``--distillation-tau``, 1.0).
@@ -252,3 +259,58 @@ def _check_distillation(model: nn.Module, teacher: nn.Module | None, num_classes
     teacher_classes = getattr(teacher, "num_classes", num_classes)
     if teacher_classes != num_classes:
         raise ValueError(f"the teacher predicts {teacher_classes} classes but the student {num_classes}")
+
+
+def create_teacher(
+    model_name: str,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | None,
+    num_classes: int,
+    img_size: int | None = None,
+    arch: Mapping[str, Any] | None = None,
+    how_to_get: str | None = None,
+) -> nn.Module:
+    """A frozen classifier to distil from: ``timm.create_model(model_name, num_classes=...,
+    img_size=..., **arch)`` with the weights of ``checkpoint``, in eval mode, without gradients.
+    The task builds it and hands it to :class:`ImageClassification` (``task.teacher``).
+
+    Args:
+        model_name: any timm model name (DeiT's teacher: ``regnety_160``, a RegNetY-16GF).
+        checkpoint: its weights, by path, ``http(s)`` URL, ``hf-hub:`` / ``timm:`` name or registry name
+            (:mod:`beit_lightning.weights`): the official release (``{"model": state_dict}``, e.g. DeiT's
+            ``https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth``), a timm state dict, or one of
+            our fine-tuning runs' Lightning checkpoints (only the ``model.`` weights are read; an EMA, a
+            teacher of its own are not). Every key must fit (no head of another class count).
+        num_classes: the student's class count (the teacher's head must have as many).
+        img_size: the input side, for models that take it (``None``: the model's default).
+        arch: further timm arguments (DeiT: ``global_pool="avg"`` for the RegNet teacher).
+        how_to_get: added to the error when a local ``checkpoint`` does not exist (e.g. the command
+            that trains it).
+    """
+    if checkpoint is None:
+        raise ValueError(f"a distillation teacher needs weights: set the teacher's checkpoint (a {model_name} checkpoint)")
+    if not isinstance(checkpoint, Mapping):
+        if source_kind(checkpoint) == "path" and not os.path.isfile(checkpoint):
+            hint = f": {how_to_get}" if how_to_get else ""
+            raise FileNotFoundError(f"the teacher checkpoint {os.fspath(checkpoint)!r} does not exist{hint}")
+        checkpoint = resolve_weights(checkpoint)
+    kwargs: dict[str, Any] = dict(arch or {})
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    teacher = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    result = load_checkpoint(teacher, _network_weights(checkpoint), strict=True)
+    if result.initialised:
+        raise ValueError(f"the teacher checkpoint does not hold {', '.join(result.initialised)}: a teacher must be a "
+                         f"trained {num_classes}-class classifier")
+    return teacher.eval().requires_grad_(False)
+
+
+def _network_weights(checkpoint: str | os.PathLike | Mapping[str, Any]) -> str | os.PathLike | Mapping[str, Any]:
+    """The network's weights of a checkpoint: a Lightning checkpoint's ``model.*`` only (not its EMA,
+    tokenizer or teacher); other files as they are (``load_checkpoint`` reads them)."""
+    if isinstance(checkpoint, Mapping):
+        return model_weights(checkpoint)
+    path = os.fspath(checkpoint)
+    if path.endswith(".safetensors") or os.path.isdir(path):
+        return checkpoint
+    obj = load_weights_file(path)
+    return model_weights(obj) if isinstance(obj, Mapping) else obj

@@ -37,6 +37,7 @@ from torchvision.utils import make_grid
 
 from ..models.diffaugment import DiffAugment
 from ..visualise import log_image, to_uint8
+from ..weights.sources import resolve_weights
 
 __all__ = ["GANTraining", "inception_network"]
 
@@ -78,7 +79,8 @@ class GANTraining(pl.LightningModule):
             features (e.g. :class:`~beit_lightning.models.vitgan.RandomFeatureNet` for tests and the
             CPU smoke run), or the string ``"inception"`` for the standard Inception-v3 FID with
             ``inception_weights`` (needs ``torch-fidelity``); ``None``: no FID.
-        inception_weights: local path of torch-fidelity's Inception weights (no download at run time).
+        inception_weights: torch-fidelity's Inception weights: a local file, a URL or the registry name
+            ``inception_v3_fid`` (:mod:`beit_lightning.weights`; resolved, and downloaded once, when the task is built).
         inception_score: also log IS (Inception only; 10 splits).
         num_sample_images: samples in the logged grid (fixed latents).
         sample_seed: seed of those latents.
@@ -138,9 +140,11 @@ class GANTraining(pl.LightningModule):
                 raise ValueError(f"fid_feature must be a module, 'inception' or None; got {feature!r}")
             if not weights:
                 raise ValueError(
-                    "fid_feature=inception needs the Inception weights as a local file (no download at run time): set "
-                    "task.inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth (torch-fidelity's release)"
+                    "fid_feature=inception needs the Inception weights: set task.inception_weights=inception_v3_fid "
+                    "(torch-fidelity's release by its registry name, downloaded once into the cache; "
+                    "`beit-lightning-weights download inception_v3_fid` prefetches it), a URL or a local file"
                 )
+            weights = resolve_weights(weights)
             fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights)
             if not with_is:
                 return fid, None

@@ -19,11 +19,14 @@ there. Optional multi-scale + flip averages the softmax over scales and flips (m
 never lets the short side fall below the crop (ratios 0.5 and 0.75 give the 1.0 view again). Metrics come from one dataset-level confusion matrix: mIoU (mean over the classes
 present in the label or the prediction, the benchmark's definition), mAcc (mean class accuracy
 over classes present in the label) and aAcc (pixel accuracy); a per-class IoU table is printed at
-the end of validation.
+the end of validation. Evaluation runs in float32 even when the Trainer trains under bf16 autocast
+(``eval_precision="fp32"``, the default): the official ``tools/test.py`` evaluates in fp32, and bf16
+logits move the argmax at class boundaries (docs/recipes.md measures by how much).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +123,9 @@ class SemanticSegmentation(pl.LightningModule):
             0) or ``"valid"`` (mean over labelled pixels).
         no_weight_decay: parameter names (``fnmatch`` patterns, e.g. ``"*relative_position_bias_table"``)
             exempt from weight decay besides 1-d tensors and biases; empty: the official groups.
+        eval_precision: ``"fp32"`` (default, as the official evaluation): validation, test and the
+            logged masks run the network in float32 with autocast off, whatever the Trainer's
+            precision; ``"bf16"``: under the Trainer's autocast (faster, slightly different mIoU).
     """
 
     #: the kind of data this task needs (checked against the DataModule's before a run starts)
@@ -147,6 +153,7 @@ class SemanticSegmentation(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         loss_average: str = "all",
         no_weight_decay: Sequence[str] = (),
+        eval_precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -154,6 +161,9 @@ class SemanticSegmentation(pl.LightningModule):
             raise TypeError(f"{type(model).__name__} has no forward_with_aux(images) -> (logits, aux_logits)")
         if loss_average not in ("all", "valid"):
             raise ValueError(f"loss_average must be 'all' (mmseg 0.11) or 'valid'; got {loss_average!r}")
+        if eval_precision not in ("fp32", "bf16"):
+            raise ValueError(f"eval_precision must be 'fp32' (the official evaluation) or 'bf16' (the Trainer's "
+                             f"autocast); got {eval_precision!r}")
         if not 0 < stride <= crop_size:
             raise ValueError(f"need 0 < stride <= crop_size for the sliding window; got stride={stride}, crop={crop_size}")
         self.model = model
@@ -163,6 +173,11 @@ class SemanticSegmentation(pl.LightningModule):
         self.val_jaccard = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro")
 
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", "")) if self._trainer is not None else ""
+        if self.hparams.get("eval_precision", "fp32") == "fp32" and precision in ("bf16-true", "16-true"):
+            raise ValueError(
+                f"trainer.precision={precision} keeps the weights in half precision, so task.eval_precision=fp32 cannot "
+                "evaluate in float32: use trainer.precision=bf16-mixed, or set task.eval_precision=bf16")
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         classes = getattr(data, "num_classes", 0)
         if classes and classes != self.hparams.num_classes:
@@ -201,9 +216,21 @@ class SemanticSegmentation(pl.LightningModule):
         return loss
 
     # --- evaluation --------------------------------------------------------------------------
+    def _eval_precision(self, images: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.Tensor]:
+        """Autocast off and float32 inputs for ``eval_precision="fp32"``; as they come for ``"bf16"``."""
+        if self.hparams.get("eval_precision", "fp32") == "bf16":
+            return contextlib.nullcontext(), images
+        return torch.autocast(images.device.type, enabled=False), images.float()
+
     def predict_logits(self, images: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
-        """Class scores ``B x C x H x W`` at ``size`` (default: the images' size) by sliding-window
-        inference, over ``eval_scales`` and flips when set (softmax averaged, as mmseg), else logits."""
+        """Class scores ``B x C x H x W`` (float32) at ``size`` (default: the images' size) by
+        sliding-window inference, over ``eval_scales`` and flips when set (softmax averaged, as
+        mmseg), else logits; in float32 with autocast off unless ``eval_precision="bf16"``."""
+        context, images = self._eval_precision(images)
+        with context:
+            return self._predict_logits(images, size)
+
+    def _predict_logits(self, images: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
         hp = self.hparams
         size = tuple(size) if size is not None else tuple(images.shape[-2:])
 

@@ -11,6 +11,7 @@ they were chosen) go to TensorBoard and as PNG files into ``<log dir>/images/``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,7 +27,7 @@ from ..optim import configure_adamw_cosine, param_groups, schedule_steps
 from ..visualise import bar_chart, log_image, to_uint8
 from .frozen import expect_frozen_in_eval_mode
 
-__all__ = ["TokenizerTraining", "codebook_usage"]
+__all__ = ["TokenizerTraining", "codebook_usage", "create_teacher"]
 
 TEACHER_TARGETS = ("features", "projected")
 
@@ -39,6 +40,30 @@ def codebook_usage(histogram: torch.Tensor) -> tuple[float, float]:
     return perplexity, float((histogram > 0).float().mean())
 
 
+def create_teacher(name: str, pretrained: bool, file: str | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name)`` with its published weights (``pretrained``) or those of ``file``; when
+    the weights are neither in the local Hugging Face cache nor downloadable, the error names the
+    model, its hub repository and how to fetch it (huggingface_hub's own error does not)."""
+    if file is not None:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"task.teacher_file={file!r} does not exist (the weights of teacher {name!r})")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": file}, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, timm's missing-file errors
+        if not pretrained:
+            raise
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or "its timm pretrained config"
+        raise FileNotFoundError(
+            f"the weights of teacher {name!r} (Hugging Face {hub}) are not in the local cache and cannot be "
+            f"downloaded ({type(err).__name__}). On a machine with network run\n"
+            f"  python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
+            f"and copy its cache folder (~/.cache/huggingface/hub/models--{hub.replace('/', '--')}, or under "
+            f"$HF_HOME / $HF_HUB_CACHE) to this machine, or download the file and set task.teacher_file=<path>"
+        ) from err
+
+
 class TokenizerTraining(pl.LightningModule):
     """Train ``tokenizer`` (:class:`DiscreteVAE` or :class:`VQKD`) on ``batch["tokenizer_image"]``.
 
@@ -47,7 +72,10 @@ class TokenizerTraining(pl.LightningModule):
         teacher: VQ-KD only: a timm model name (e.g. ``vit_base_patch16_clip_quickgelu_224.openai``) or
             module; frozen, in eval mode, run without gradients, on the tokenizer view normalised with
             the teacher's own mean/std (resized bicubically only if the teacher has another fixed size).
-        teacher_pretrained: load the teacher's published weights through timm (needs them locally).
+        teacher_pretrained: load the teacher's published weights through timm (from the local Hugging Face
+            cache when there is no network; the error says how to fetch them).
+        teacher_file: load the teacher's weights from this file instead (timm's ``pretrained_cfg_overlay``:
+            a timm state dict, e.g. the ``open_clip_pytorch_model.bin``/``pytorch_model.bin`` of its hub repo).
         teacher_target: ``"features"``: the teacher's patch tokens after its final norm (a name is
             built with ``num_classes=0``). ``"projected"`` (BEiT v2 with CLIP): those tokens through
             the model's linear head, which for a timm CLIP ViT is the image projection ``visual.proj``
@@ -67,6 +95,7 @@ class TokenizerTraining(pl.LightningModule):
         tokenizer: DiscreteVAE | VQKD,
         teacher: nn.Module | str | None = None,
         teacher_pretrained: bool = False,
+        teacher_file: str | None = None,
         teacher_target: str = "features",
         lr: float = 1e-3,
         min_lr: float = 1e-5,
@@ -91,7 +120,7 @@ class TokenizerTraining(pl.LightningModule):
             if isinstance(teacher, str):
                 # "projected" keeps the pretrained head: for CLIP towers it holds the image projection
                 kwargs = {} if projected else {"num_classes": 0}
-                teacher = timm.create_model(teacher, pretrained=teacher_pretrained, **kwargs)
+                teacher = create_teacher(teacher, teacher_pretrained, teacher_file, **kwargs)
             self.teacher = teacher.eval().requires_grad_(False)
             cfg = timm.data.resolve_data_config({}, model=self.teacher)
             self.register_buffer("teacher_mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...weights.sources import resolve_weights
 from .base import VisualTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -173,6 +174,7 @@ class DallETokenizer(VisualTokenizer):
         n_hid, n_blk_per_group, vocab_size, input_channels: encoder size (OpenAI: 256, 2, 8192, 3).
         image_size: side of the tokenizer view (BEiT: 112 for a 14x14 grid).
         seed: seed of the initial weights, so that an untrained encoder is reproducible.
+        precision, channels_last, compile: how ``encode`` runs (:meth:`configure_inference`).
     """
 
     downsample = 8
@@ -185,6 +187,9 @@ class DallETokenizer(VisualTokenizer):
         input_channels: int = 3,
         image_size: int = 112,
         seed: int | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if image_size % self.downsample:
@@ -199,6 +204,7 @@ class DallETokenizer(VisualTokenizer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size, input_channels)
+        self.configure_inference(precision, channels_last, compile)
 
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(map_pixels(images))
@@ -227,14 +233,23 @@ class DallETokenizer(VisualTokenizer):
         vocab_size: int | None = None,
         map_location: Any = "cpu",
         decoder_path: str | os.PathLike | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> DallETokenizer:
         """Load OpenAI's published ``encoder.pkl`` (and optionally ``decoder.pkl``, for pictures
         decoded from tokens) without the ``dall_e`` package and without running any code from the
-        files. ``vocab_size``, when given, is checked against the file."""
+        files. ``vocab_size``, when given, is checked against the file.
+
+        ``path`` and ``decoder_path`` are local files, ``http(s)`` URLs or registry names
+        (``dall_e_encoder``, ``dall_e_decoder``; :mod:`beit_lightning.weights`): a name or URL is
+        downloaded once into the cache, or named with the place to put it when there is no network."""
+        path = resolve_weights(path)
+        decoder_path = resolve_weights(decoder_path) if decoder_path is not None else None
         state, sizes = read_openai_encoder(path, map_location=map_location)
         if vocab_size is not None and vocab_size != sizes["vocab_size"]:
             raise ValueError(f"{os.fspath(path)!r} has {sizes['vocab_size']} codes, not vocab_size={vocab_size}")
-        tokenizer = cls(image_size=image_size, **sizes)
+        tokenizer = cls(image_size=image_size, precision=precision, channels_last=channels_last, compile=compile, **sizes)
         tokenizer.encoder.load_state_dict(state, strict=True)
         if decoder_path is not None:
             dec_state, dec_sizes = read_openai_decoder(decoder_path, map_location=map_location)

@@ -8,23 +8,31 @@ initialised by a cosine k-means on the first training batch and then follows a n
 exponential moving average: every code used in a step moves towards the normalised mean of the
 (normalised) encoder vectors assigned to it, over all ranks, and is re-normalised; unused codes
 stay as they are. Restarting dead codes on encoder vectors is an option, off by default (the
-official code has none).
+official code has none). Encoder and decoder are the official ViT (``modeling_finetune.py``, built as
+timm's ``Beit``, which has its parameter names and initialisation), so the released tokenizer files load
+with :meth:`VQKD.from_official`.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import LayerNorm, trunc_normal_
+from timm.models.beit import Beit
 from torch import nn
 
 from .base import VisualTokenizer
 
-__all__ = ["VQKD", "CosineVectorQuantizer", "kmeans_cosine", "teacher_patch_features"]
+__all__ = ["VQKD", "CosineVectorQuantizer", "convert_official_vqkd", "kmeans_cosine", "official_vit",
+           "official_vqkd_state", "teacher_patch_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,20 +237,51 @@ def teacher_output_dim(teacher: nn.Module, projected: bool = False) -> int:
     return _teacher_head(teacher).out_features if projected else int(teacher.num_features)
 
 
+def official_vit(img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int) -> Beit:
+    """The ViT of BEiT v2's ``modeling_finetune.py`` as ``get_model_default_params()`` configures it for
+    VQ-KD's encoder and decoder: q/v biases (no k bias), LayerNorm eps 1e-6, a class token and an absolute
+    position embedding, no layer scale, no relative position bias, and ``fc_norm`` (mean-pooling layout)
+    instead of a final ``norm``. timm's ``Beit`` has exactly these parameter names and the same
+    initialisation (trunc-normal 0.02, zero biases, ``attn.proj``/``mlp.fc2`` divided by sqrt(2 (i + 1))),
+    so official weights load key for key."""
+    return Beit(
+        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="avg",
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), init_values=None, use_abs_pos_emb=True, use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=False,
+    )
+
+
+def _task_layer(dim: int, out_dim: int) -> nn.Sequential:
+    """Linear -> tanh -> linear, trunc-normal(0.02) weights and zero biases (official ``_init_weights``)."""
+    layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out_dim))
+    for linear in (layer[0], layer[2]):
+        trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+    return layer
+
+
 class VQKD(VisualTokenizer):
-    """BEiT v2's VQ-KD tokenizer: ViT encoder -> cosine quantizer -> Transformer decoder.
+    """BEiT v2's VQ-KD tokenizer: ViT encoder -> cosine quantizer -> ViT decoder, as ``modeling_vqkd.py``.
+
+    The encoder is the official ViT over image patches; the decoder is the same ViT over the 32-d codes
+    (a 1x1 patch embedding on the ``h x w`` code map, a class token, position embedding, ``decoder_depth``
+    blocks); each is followed by a linear-tanh-linear task layer. :meth:`from_official` loads the released
+    tokenizer files (``vqkd_encoder_base_decoder_3x768x12_clip`` and the 1-layer CLIP / DINO ones).
 
     Args:
         teacher_dim: width of the teacher features the decoder regresses (512 for the official
-            CLIP ViT-B/16 target, the projected patch tokens).
+            CLIP ViT-B/16 target, the projected patch tokens; 768 for the DINO teacher).
         vocab_size, code_dim: codebook (BEiT v2: 8192 x 32).
         image_size, patch_size: input side and patch size (224/16 -> 14x14 codes).
         embed_dim, depth, num_heads: encoder ViT (BEiT v2: 768, 12, 12).
-        decoder_dim, decoder_depth: decoder Transformer (BEiT v2: 768, 3).
+        decoder_dim, decoder_depth, decoder_num_heads: decoder ViT (BEiT v2: 768, 3, 12; ``None`` heads:
+            ``num_heads``).
         decay, dead_threshold, kmeans_init: codebook EMA decay, dead-code restart threshold
             (``None``: off) and k-means initialisation (see :class:`CosineVectorQuantizer`).
         commitment_weight: weight of the commitment loss (official ``beta`` 1.0).
         mean, std: input normalisation of the encoder (official: 0.5/0.5, i.e. [-1, 1]).
+        precision, channels_last, compile: how ``encode`` runs (:meth:`configure_inference`).
     """
 
     def __init__(
@@ -257,44 +296,46 @@ class VQKD(VisualTokenizer):
         num_heads: int = 12,
         decoder_dim: int = 768,
         decoder_depth: int = 3,
+        decoder_num_heads: int | None = None,
         decay: float = 0.99,
         dead_threshold: float | None = None,
         commitment_weight: float = 1.0,
         mean: tuple[float, float, float] = HALF,
         std: tuple[float, float, float] = HALF,
         kmeans_init: bool = True,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+        decoder_num_heads = num_heads if decoder_num_heads is None else decoder_num_heads
         self.config: dict[str, Any] = dict(
             teacher_dim=teacher_dim, vocab_size=vocab_size, code_dim=code_dim, image_size=image_size,
             patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, decoder_dim=decoder_dim,
-            decoder_depth=decoder_depth, decay=decay, dead_threshold=dead_threshold,
-            commitment_weight=commitment_weight, mean=tuple(mean), std=tuple(std), kmeans_init=kmeans_init,
+            decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, decay=decay,
+            dead_threshold=dead_threshold, commitment_weight=commitment_weight, mean=tuple(mean), std=tuple(std),
+            kmeans_init=kmeans_init,
         )
         self.vocab_size, self.image_size, self.downsample = vocab_size, image_size, patch_size
-        self.encoder = VisionTransformer(
-            img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            num_classes=0, global_pool="", class_token=True,
-        )
-        self.encode_head = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Linear(embed_dim, code_dim))
+        self.encoder = official_vit(image_size, patch_size, 3, embed_dim, depth, num_heads)
+        self.encode_head = _task_layer(embed_dim, code_dim)  # official encode_task_layer
         self.quantizer = CosineVectorQuantizer(vocab_size, code_dim, decay, dead_threshold, kmeans_init)
-        num_patches = (image_size // patch_size) ** 2
-        self.decode_in = nn.Linear(code_dim, decoder_dim)
-        self.decoder_pos = nn.Parameter(torch.zeros(1, num_patches, decoder_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_dim, max(1, decoder_dim // 64)) for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decode_out = nn.Sequential(nn.Linear(decoder_dim, decoder_dim), nn.Tanh(), nn.Linear(decoder_dim, teacher_dim))
-        trunc_normal_(self.decoder_pos, std=0.02)
+        # official decoder_config: img_size = image_size // patch_size, patch_size 1, in_chans = code_dim
+        self.decoder = official_vit(image_size // patch_size, 1, code_dim, decoder_dim, decoder_depth, decoder_num_heads)
+        self.decode_head = _task_layer(decoder_dim, teacher_dim)  # official decode_task_layer (last: teacher_dim)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.configure_inference(precision, channels_last, compile)
 
     def no_weight_decay(self) -> set[str]:
-        # the official VQKD.no_weight_decay() also exempts the decoder's position embedding
-        # (the encoder's cls token and position embedding come from timm's list)
-        return {"decoder_pos"}
+        """The official ``VQKD.no_weight_decay()`` (its codebook is no parameter here)."""
+        return {"encoder.cls_token", "encoder.pos_embed", "decoder.cls_token", "decoder.pos_embed"}
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features((images - self.mean) / self.std)[:, self.encoder.num_prefix_tokens:]
+        x = self.encoder.forward_features((images - self.mean) / self.std)
+        tokens = self.encoder.fc_norm(x[:, self.encoder.num_prefix_tokens:])  # official return_patch_tokens
         with torch.autocast(device_type=tokens.device.type, enabled=False):  # official: encode_task_layer in fp32
             return self.encode_head(tokens.to(self.encode_head[-1].weight.dtype))
 
@@ -306,8 +347,14 @@ class VQKD(VisualTokenizer):
 
     def decode_codes(self, quantized: torch.Tensor) -> torch.Tensor:
         """Predicted teacher features ``B x N x teacher_dim`` from quantised vectors ``B x N x code_dim``."""
-        x = self.decode_in(quantized) + self.decoder_pos
-        return self.decode_out(self.decoder_norm(self.decoder(x)))
+        h, w = self.grid_size
+        code_map = quantized.transpose(1, 2).reshape(quantized.shape[0], -1, h, w)  # official 'b c h w'
+        x = self.decoder.forward_features(code_map.to(self.decoder.cls_token.dtype))
+        return self.decode_head(self.decoder.fc_norm(x[:, self.decoder.num_prefix_tokens:]))
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Predicted teacher features ``B x N x teacher_dim`` of token ids ``B x h x w``."""
+        return self.decode_codes(self.quantizer.embedding[tokens.flatten(1)])
 
     def training_losses(self, images: torch.Tensor, teacher_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms and diagnostics for images in [0, 1] and the teacher's patch features:
@@ -320,3 +367,111 @@ class VQKD(VisualTokenizer):
             "loss": (1 - cosine) + self.config["commitment_weight"] * commitment,
             "cosine": cosine.detach(), "commitment": commitment.detach(), "codes": idx.reshape(-1, h, w),
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if prefix + "decode_in.weight" in state_dict:
+            raise ValueError(
+                "this VQ-KD state was written by beit-lightning before its decoder matched the official one "
+                "(a linear layer + 3 blocks without class token); it cannot be mapped: train the tokenizer again "
+                "(task=tokenizer_vqkd), or start from an official file with VQKD.from_official"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_official(
+        cls,
+        checkpoint: str | os.PathLike | Mapping[str, Any],
+        num_heads: int = 12,
+        decoder_num_heads: int | None = None,
+        mean: tuple[float, float, float] = HALF,
+        std: tuple[float, float, float] = HALF,
+        map_location: str | torch.device = "cpu",
+    ) -> VQKD:
+        """A released BEiT v2 tokenizer (``vqkd_encoder_base_decoder_{1,3}x768x12_{clip,dino}-*.pth``), in eval mode.
+
+        ``checkpoint``: its path or its content (``{"model": state_dict}`` as ``utils.save_model`` writes it,
+        ``{"state_dict": ...}`` or a bare state dict). The sizes are read from the tensors' shapes; the
+        head counts are not in the file (official: 12 for encoder and decoder), nor the input
+        normalisation (``--process_type default``: 0.5/0.5). Every key is placed (see
+        :func:`convert_official_vqkd`), else the error names the ones left over or missing.
+        """
+        state = official_vqkd_state(read_official_file(checkpoint, map_location) if isinstance(
+            checkpoint, (str, os.PathLike)) else checkpoint)
+        if state is None:
+            raise ValueError(
+                "not an official VQ-KD tokenizer: expected a state dict (or {'model': state dict}) with "
+                "'quantize.embedding.weight', as beit2/modeling_vqkd.py saves it"
+            )
+        converted = convert_official_vqkd(state)
+        tokenizer = cls(**official_vqkd_config(converted, num_heads, decoder_num_heads, mean, std))
+        missing, unexpected = tokenizer.load_state_dict(converted, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the official VQ-KD state does not fit: keys not in the file {sorted(missing)}, keys of the file "
+                f"no parameter takes {sorted(unexpected)}"
+            )
+        return tokenizer.eval()
+
+
+#: official keys that no computation reads (``norm_ema_quantizer.py``): ``EmbeddingEMA.cluster_size`` holds the
+#: k-means counts and is never updated after (``cluster_size_ema_update`` is never called), ``embed_avg`` is
+#: only read by ``weight_update``, which is never called
+OFFICIAL_UNREAD = ("quantize.embedding.cluster_size", "quantize.embedding.embed_avg")
+#: prefixes the official loader deletes before loading (``modeling_vqkd.py``: the teacher and its scaling)
+OFFICIAL_DROPPED = ("loss", "teacher", "scaling")
+_OFFICIAL_RENAMES = {"encode_task_layer.": "encode_head.", "decode_task_layer.": "decode_head.",
+                     "quantize.embedding.weight": "quantizer.embedding", "quantize.cluster_size": "quantizer.cluster_size",
+                     "quantize.embedding.initted": "quantizer.initted"}
+
+
+def read_official_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of an official BEiT v2 file with the weights-only unpickler; the training
+    checkpoints also hold the run's ``argparse.Namespace`` (``utils.save_model``), which is allowed."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+
+
+def official_vqkd_state(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The official VQ-KD state dict inside a loaded file (``model``/``state_dict`` entry or bare), else ``None``."""
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    return dict(obj) if "quantize.embedding.weight" in obj else None
+
+
+def convert_official_vqkd(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ``VQKD`` keys -> ours. ``encoder.*``/``decoder.*`` keep their names (same ViT layout);
+    the task layers and the codebook are renamed; the teacher, its scaling layer and :data:`OFFICIAL_UNREAD`
+    are dropped. Any other key is kept as it is, so a strict load names it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(OFFICIAL_DROPPED) or key in OFFICIAL_UNREAD:
+            continue
+        for old, new in _OFFICIAL_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value.reshape(()).bool() if key == "quantizer.initted" else value
+    return out
+
+
+def official_vqkd_config(state: Mapping[str, torch.Tensor], num_heads: int = 12, decoder_num_heads: int | None = None,
+                         mean: tuple[float, float, float] = HALF, std: tuple[float, float, float] = HALF) -> dict[str, Any]:
+    """:class:`VQKD` arguments of a converted official state dict, read from the tensors' shapes."""
+    def depth(prefix: str) -> int:
+        return len({k.split(".")[2] for k in state if k.startswith(f"{prefix}.blocks.")})
+
+    vocab_size, code_dim = state["quantizer.embedding"].shape
+    patch_size = state["encoder.patch_embed.proj.weight"].shape[-1]
+    side = math.isqrt(state["encoder.pos_embed"].shape[1] - 1)
+    return dict(
+        teacher_dim=state["decode_head.2.weight"].shape[0], vocab_size=vocab_size, code_dim=code_dim,
+        image_size=side * patch_size, patch_size=patch_size, embed_dim=state["encoder.cls_token"].shape[-1],
+        depth=depth("encoder"), num_heads=num_heads, decoder_dim=state["decoder.cls_token"].shape[-1],
+        decoder_depth=depth("decoder"), decoder_num_heads=decoder_num_heads, mean=mean, std=std,
+    )
