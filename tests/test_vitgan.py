@@ -324,6 +324,18 @@ def test_smoke_vitgan_learns_and_logs_fid_and_sample_grids(tmp_path):
     the thresholds (0.5, 0.05, 0.1) sit well inside."""
     import pytorch_lightning as pl
 
+    # Known fragility: this GAN's trajectory depends on the CPU kernels' reduction order, and with one
+    # thread (pytest-xdist workers) the discriminator-loss check failed once (1.41 -> 1.58) where two
+    # threads pass; run it with the two threads it was calibrated on until the check is made robust.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _smoke_vitgan_checks(tmp_path, pl)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _smoke_vitgan_checks(tmp_path, pl):
     cfg = _compose(["experiment=smoke_vitgan", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false"])
     metric = train(cfg)
     with open(tmp_path / "csv" / "metrics.csv") as f:
