@@ -17,16 +17,19 @@ differently:
   crop stays at least ``input_size`` pixels on each side at that scale, else at full size by
   torchvision's ``decode_jpeg``; other formats and decoded images by Pillow;
 - the crop is resized straight from the decoded pixels (no crop copy) by torchvision's uint8
-  antialiased kernels (bicubic/bilinear: Pillow's filters), and the tokenizer view is resized
-  from the final (flipped, jittered) backbone view when it is smaller (``tokenizer_size <
-  input_size``; Lanczos by Pillow) instead of from the crop; the flip mirrors the crop box and
-  the (small) views instead of the whole image;
-- colour jitter is applied to the resized view(s) instead of the whole image before the crop
-  (emulating PIL's 8-bit steps, see :func:`jitter_views`). Brightness and saturation are
-  per-pixel maps, so only their clipping and rounding differ from jitter-then-resize; contrast
-  blends with the grey mean *of the whole image* at that step, as the official order does, and
-  this mean is taken from a strided sample of the whole image's pixels with the preceding steps
-  applied to it (not the mean of the crop, which would change the augmentation).
+  antialiased kernels (bicubic/bilinear: Pillow's filters); the flip mirrors the crop box and the
+  224px view instead of the whole image;
+- everything after that stays in float on 8-bit levels, with no round trip through PIL
+  (:meth:`BeitPretrainTransform.finish_views`): colour jitter is applied to the resized view
+  instead of the whole image before the crop, with Pillow's arithmetic (:func:`jitter_views`:
+  each step clipped and truncated to a level, as ``ImageEnhance`` does). Brightness and
+  saturation are per-pixel maps, so only their clipping and rounding differ from
+  jitter-then-resize; contrast blends with the grey mean *of the whole image* at that step, as
+  the official order does, taken from a strided sample of the whole image's pixels with the
+  preceding steps applied to it (not the mean of the crop, which would change the augmentation);
+- the tokenizer view, when smaller than the backbone view, is resized from the jittered, flipped
+  backbone view (the official order: jitter, flip, resize) by :func:`~.decode.resize_float`
+  (Pillow's Lanczos weights as two banded matrix products) instead of from the crop.
 
 ``tests/test_fast_decode.py`` bounds the pixel difference against the exact path; benchmarks/RESULTS.md
 states it per view.
@@ -36,9 +39,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageStat
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -50,8 +52,9 @@ from .decode import (
     decode_tensor,
     draft_scale,
     is_undecoded_jpeg,
+    pil_to_tensor,
+    resize_float,
     resize_uint8,
-    tensor_to_pil,
 )
 from .masking import BlockwiseMaskGenerator
 
@@ -71,13 +74,19 @@ _INTERPOLATIONS = {
 _THUMBNAIL_SIDE = 64  # contrast's whole-image grey mean is taken on about this many pixels a side
 
 
+_LUMA = torch.tensor((0.299, 0.587, 0.114))
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """PIL's ``convert("L")`` of a CxHxW tensor of 8-bit levels (ITU-R 601-2 luma, rounded)."""
-    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).add_(0.5).floor_()
+    return torch.tensordot(_LUMA.to(x.device, x.dtype), x, dims=1).add_(0.5).floor_()
 
 
 def _blend(x: torch.Tensor, base: torch.Tensor | float, factor: float) -> torch.Tensor:
-    """PIL's ``Image.blend(base, x, factor)`` on 8-bit levels: clipped to [0, 255], truncated."""
+    """PIL's ``Image.blend(base, x, factor)`` on 8-bit levels, in place on ``x``: ``base + factor *
+    (x - base)`` in float32 as Pillow computes it, clipped to [0, 255], truncated."""
+    if isinstance(base, torch.Tensor):
+        return torch.add(base, x.sub_(base), alpha=factor).clamp_(0, 255).floor_()
     return x.sub_(base).mul_(factor).add_(base).clamp_(0, 255).floor_()
 
 
@@ -90,37 +99,21 @@ def jitter_views(views: Sequence[torch.Tensor], params, whole: torch.Tensor) -> 
     order, brightness, contrast, saturation, hue = params
     if hue is not None and hue != 0:  # pragma: no cover - BeitPretrainTransform draws no hue
         raise NotImplementedError("fast colour jitter has no hue step")
-    views = list(views) + [whole.clone()]
-    for fn_id in order.tolist():
-        if fn_id == 0 and brightness is not None:
-            views = [_blend(v, 0.0, brightness) for v in views]
-        elif fn_id == 1 and contrast is not None:
+    steps = [i for i in order.tolist() if (brightness, contrast, saturation, None)[i] is not None]
+    # the whole image's sample only serves contrast's mean: it takes the steps before contrast
+    contrast_at = steps.index(1) if 1 in steps else None
+    views = list(views) + ([whole.clone()] if contrast_at is not None else [])
+    for n, fn_id in enumerate(steps):
+        if contrast_at is not None and n == contrast_at + 1:
+            views = views[:-1]
+        if fn_id == 0:  # a blend with black: levels stay >= 0
+            views = [v.mul_(brightness).clamp_(max=255).floor_() for v in views]
+        elif fn_id == 1:
             mean = float(torch.floor(_grey(views[-1]).mean() + 0.5))
             views = [_blend(v, mean, contrast) for v in views]
-        elif fn_id == 2 and saturation is not None:
+        else:
             views = [_blend(v, _grey(v), saturation) for v in views]
-    return views[:-1]
-
-
-def jitter_images(views: Sequence[Image.Image], params, whole: Image.Image) -> list[Image.Image]:
-    """:func:`jitter_views` on RGB PIL images with Pillow's own ``ImageEnhance`` arithmetic (what
-    ``T.ColorJitter`` runs on a PIL image), the cheaper way on a CPU: brightness and saturation as
-    ``ImageEnhance`` does them; contrast blends each view with the grey mean of ``whole`` (the
-    whole image, sampled) after the steps that precede it, where ``ImageEnhance.Contrast`` would
-    take the view's own mean."""
-    order, brightness, contrast, saturation, hue = params
-    if hue is not None and hue != 0:  # pragma: no cover - BeitPretrainTransform draws no hue
-        raise NotImplementedError("fast colour jitter has no hue step")
-    images = list(views) + [whole]
-    for fn_id in order.tolist():
-        if fn_id == 0 and brightness is not None:
-            images = [ImageEnhance.Brightness(v).enhance(brightness) for v in images]
-        elif fn_id == 1 and contrast is not None:
-            mean = int(ImageStat.Stat(images[-1].convert("L")).mean[0] + 0.5)
-            images = [Image.blend(Image.new("RGB", v.size, (mean,) * 3), v, contrast) for v in images]
-        elif fn_id == 2 and saturation is not None:
-            images = [ImageEnhance.Color(v).enhance(saturation) for v in images]
-    return images[:-1]
+    return views[:-1] if contrast_at is not None and contrast_at == len(steps) - 1 else views
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
@@ -172,6 +165,8 @@ class BeitPretrainTransform:
         self.color_jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
         self.hflip = float(hflip)
         self.mean, self.std = list(mean), list(std)
+        std = torch.tensor(self.std).view(3, 1, 1)  # the normalisation as x * scale + shift
+        self._scale, self._shift = 1 / 255 / std, -torch.tensor(self.mean).view(3, 1, 1) / std
         self.interpolation = interpolation_mode(interpolation)
         self.tokenizer_interpolation = interpolation_mode(tokenizer_interpolation)
 
@@ -213,51 +208,65 @@ class BeitPretrainTransform:
             left = img.size[0] - left - width
         try:
             if is_undecoded_jpeg(img) and draft_scale(img.size, (top, left, height, width), self.input_size) > 1:
-                views, whole = self._reduced_views(img, (top, left, height, width))
+                views, whole = self._reduced_view(img, (top, left, height, width))
             else:
-                views, whole = self._full_size_views(decode_tensor(img), (top, left, height, width))
+                views, whole = self._full_size_view(decode_tensor(img), (top, left, height, width))
         except Exception as err:  # noqa: BLE001 - whatever the decoder raises: the data sets skip the sample
             raise ImageDecodeError(f"cannot decode the image ({type(err).__name__}: {err})") from err
-        if flip:
-            views = [v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for v in views]
-        if params is not None:
-            views = jitter_images(views, params, whole)
-        if len(views) == 1:  # the tokenizer view from the (jittered, flipped) backbone view, as the
-            # official order (jitter, flip, then resize) has it
-            views.append(views[0].resize((self.tokenizer_size,) * 2, PIL_RESAMPLE[self.tokenizer_interpolation]))
-        image, tokenizer_image = (TF.pil_to_tensor(v) for v in views)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        shift = torch.tensor(self.mean).view(3, 1, 1) / std
-        # uint8 -> float and normalisation in one pass each
-        return torch.addcmul(-shift, image, 1 / 255 / std), torch.mul(tokenizer_image, torch.tensor(1 / 255))
+        return self.finish_views(views, whole, flip, params)
 
-    def _full_size_views(self, pixels: torch.Tensor, crop: tuple[int, int, int, int]) -> tuple[list[Image.Image], Image.Image]:
-        """The backbone view and, unless it is to be resized from the backbone view later
-        (``tokenizer_size < input_size``), the tokenizer view, from full-resolution uint8 pixels;
-        and a strided sample of the whole image (contrast's mean); as PIL images."""
+    def finish_views(self, views: list[torch.Tensor], whole: torch.Tensor, flip: bool, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip, colour jitter (``params``: ``T.ColorJitter.get_params``'s draws, or ``None``), the
+        tokenizer view and the normalisation, from the uint8 CxHxW backbone view (before the flip;
+        and the tokenizer view where it is not made from the backbone view, see
+        :meth:`_needs_own_tokenizer_view`) and a strided uint8 sample of the whole image (contrast's mean). All in float on 8-bit levels,
+        with no round trip through PIL; the tokenizer view is resized from the jittered, flipped
+        backbone view (the official order: jitter, flip, then resize) by :func:`~.decode.resize_float`
+        (Pillow's Lanczos weights)."""
+        views = [v.to(torch.float32, memory_format=torch.contiguous_format) for v in views]
+        if flip:
+            views = [v.flip(-1) for v in views]
+        if params is not None:
+            views = jitter_views(views, params, whole.float())
+        x = views[0]
+        if len(views) == 2:
+            tokens = views[1]
+        elif self.tokenizer_size == self.input_size and self.tokenizer_interpolation == self.interpolation:
+            tokens = x
+        else:
+            tokens = resize_float(x, self.tokenizer_size, self.tokenizer_interpolation).clamp_(0, 255).round_()
+        return torch.addcmul(self._shift, x, self._scale), tokens.mul_(1 / 255)
+
+    def _full_size_view(self, pixels: torch.Tensor, crop: tuple[int, int, int, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The uint8 backbone view (and the tokenizer view, where it needs its own) resized from a view of full-resolution uint8 pixels (no crop copy),
+        and a strided sample of the whole image (contrast's mean)."""
         top, left, height, width = crop
         crop_pixels = pixels[:, top : top + height, left : left + width]
-        view = tensor_to_pil(resize_uint8(crop_pixels, self.input_size, self.interpolation))
+        views = [resize_uint8(crop_pixels, self.input_size, self.interpolation)]
+        if self._needs_own_tokenizer_view:
+            views.append(resize_uint8(crop_pixels, self.tokenizer_size, self.tokenizer_interpolation))
         step = max(1, min(pixels.shape[1:]) // _THUMBNAIL_SIDE)
-        whole = tensor_to_pil(pixels[:, ::step, ::step])
-        if self.tokenizer_size < self.input_size:
-            return [view], whole
-        if self.tokenizer_size == self.input_size and self.tokenizer_interpolation == self.interpolation:
-            return [view, view], whole
-        return [view, tensor_to_pil(resize_uint8(crop_pixels, self.tokenizer_size, self.tokenizer_interpolation))], whole
+        return views, pixels[:, ::step, ::step]
 
-    def _reduced_views(self, img: Image.Image, crop: tuple[int, int, int, int]) -> tuple[list[Image.Image], Image.Image]:
-        """As :meth:`_full_size_views` for a JPEG decoded at 1/2-1/8 scale (``Image.draft``): the
+    @property
+    def _needs_own_tokenizer_view(self) -> bool:
+        """The tokenizer view is resized from the crop itself, not from the backbone view, when it
+        is not smaller than the backbone view (it would lose detail) and not the same view."""
+        same = self.tokenizer_size == self.input_size and self.tokenizer_interpolation == self.interpolation
+        return self.tokenizer_size >= self.input_size and not same
+
+    def _reduced_view(self, img: Image.Image, crop: tuple[int, int, int, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """As :meth:`_full_size_view` for a JPEG decoded at 1/2-1/8 scale (``Image.draft``): the
         crop box, scaled, is fractional, which Pillow's ``resize(box=...)`` takes as it is."""
         top, left, height, width = crop
         img, scale = decode_rgb(img, crop, self.input_size)
         box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-        views = [
-            img.resize((size, size), PIL_RESAMPLE[interpolation], box=box)
-            for size, interpolation in ((self.input_size, self.interpolation), (self.tokenizer_size, self.tokenizer_interpolation))
-        ]
+        sizes = [(self.input_size, self.interpolation)]
+        if self._needs_own_tokenizer_view:
+            sizes.append((self.tokenizer_size, self.tokenizer_interpolation))
+        views = [pil_to_tensor(img.resize((size, size), PIL_RESAMPLE[mode], box=box)) for size, mode in sizes]
         step = max(1, min(img.size) // _THUMBNAIL_SIDE)
-        return views, Image.fromarray(np.asarray(img)[::step, ::step])
+        return views, pil_to_tensor(img)[:, ::step, ::step]
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         if self.fast_decode:
