@@ -315,24 +315,36 @@ def make_images(root: str, sizes: Sizes, workers: int) -> str:
     return source
 
 
-def measure_loader(bench_args: argparse.Namespace, sizes: Sizes, root: str) -> tuple[float, dict]:
+def measure_loader(bench_args: argparse.Namespace, sizes: Sizes, root: str, device_augment: bool = False) -> tuple[float, dict]:
     """Images/s of the pre-training DataModule with ``--workers`` workers in its steady state (see
-    :func:`loader_plan`; worker start-up excluded), and its first batch."""
+    :func:`loader_plan`; worker start-up excluded), and its first batch. ``device_augment``: the
+    workers carry the JPEGs and the views are made on ``--device`` (decode included in the time)."""
     dm = ImageFolderDataModule(
         root, train_dir="images", val_dir=None, labelled=False, mode="pretrain", batch_size=sizes.batch,
         num_workers=bench_args.workers, input_size=sizes.img, tokenizer_size=sizes.tok_img, patch_size=sizes.patch,
-        num_masking_patches=sizes.masked, min_num_patches=sizes.min_block,
+        num_masking_patches=sizes.masked, min_num_patches=sizes.min_block, device_augment=device_augment,
     )
     dm.setup("fit")
+    device = torch.device(bench_args.device)
+
+    def get(it) -> dict:
+        batch = next(it)
+        if device_augment:
+            batch = dm.on_after_batch_transfer({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, 0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            batch = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()} if batch is not None else batch
+        return batch
+
     loader = dm.train_dataloader()
     skip, timed = loader_plan(sizes, bench_args.workers)
     it = iter(loader)
-    first = next(it)
+    first = get(it)
     for _ in range(skip - 1):
-        next(it)
+        get(it)
     start = time.perf_counter()
     for _ in range(timed):
-        next(it)
+        get(it)
     rate = timed * sizes.batch / (time.perf_counter() - start)
     del it, loader
     return rate, first
@@ -510,7 +522,7 @@ def large_row(bench: Bench) -> None:
 
 # --- the table ------------------------------------------------------------------------------------------
 
-def finish_rows(bench: Bench, loader_rate: float) -> None:
+def finish_rows(bench: Bench, loader_rate: float, device_loader_rate: float) -> None:
     by_key = {
         "peer fp32": next(r.rate for r in bench.rows if r.config == "peer: transformers, tokenizer fp32"),
         "peer model": next(r.rate for r in bench.rows if r.config == "peer: transformers"),
@@ -521,6 +533,8 @@ def finish_rows(bench: Bench, loader_rate: float) -> None:
             row.ratio = row.rate / by_key[row.base]
     bench.rows.append(Row("loader", f"ImageFolderDataModule, {bench.args.workers} workers, generated JPEGs", loader_rate,
                           note="must keep up with the whole step's images/s"))
+    bench.rows.append(Row("loader", f"same, data.device_augment=true (decode and views on {bench.args.device})",
+                          device_loader_rate, note="the device's time is taken from the step's"))
 
 
 def table(bench: Bench) -> str:
@@ -579,13 +593,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = make_images(os.path.join(tmp, "images"), sizes, args.workers)
         loader_rate, first = measure_loader(args, sizes, tmp)
+        device_loader_rate, _ = measure_loader(args, sizes, tmp, device_augment=True)
     bench = Bench(args, sizes, first)
-    bench.log(f"loader: {loader_rate:.1f} images/s with {args.workers} workers ({source})")
+    bench.log(f"loader: {loader_rate:.1f} images/s with {args.workers} workers ({source}); "
+              f"device_augment: {device_loader_rate:.1f}")
     kernel_check(bench)
     whole_step_rows(bench, compile_rows=not args.no_compile)
     peer_rows(bench)
     large_row(bench)
-    finish_rows(bench, loader_rate)
+    finish_rows(bench, loader_rate, device_loader_rate)
     text = "\n".join([*(f"- {line}" for line in header(bench, source)), "", table(bench), ""])
     print("\n" + text)
     if args.out:

@@ -61,6 +61,7 @@ def test_gpu_pretrain_tiny_on_cpu(gpu_pretrain, tmp_path, monkeypatch):
         assert switch in configs, switch
     assert any(c.startswith("all: tokenizer fp16 + channels_last + compile, model compile") for c in configs)
     assert any(c.startswith("BEiT-L") for c in configs) and any(part == "loader" for part, _ in rows)
+    assert any(part == "loader" and "device_augment" in c for part, c in rows)
     parts = {part for part, _ in rows}
     assert parts == {"whole step", "model only", "tokenizer only", "loader"}
     for cells in rows.values():

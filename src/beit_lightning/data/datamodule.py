@@ -17,6 +17,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import patch_auto_augment
 from .decode import ImageDecodeError, open_encoded
+from .device_views import DeviceViews
 from .generated import CLASS_NAMES
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator, RandomSplitGenerator
 from .samplers import RepeatedAugmentationSampler
@@ -39,7 +41,14 @@ from .streaming import (
     private_generator,
     read_shard_index,
 )
-from .transforms import BEIT_MEAN, BEIT_STD, BeitPretrainTransform, GanImageTransform, TokenizerViewTransform
+from .transforms import (
+    BEIT_MEAN,
+    BEIT_STD,
+    BeitPretrainTransform,
+    GanImageTransform,
+    TokenizerEvalTransform,
+    TokenizerViewTransform,
+)
 
 MODES = ("pretrain", "finetune", "tokenizer", "gan")
 MASKINGS = ("blockwise", "random", "split", "split_uniform")
@@ -86,6 +95,10 @@ class BeitDataModule(pl.LightningDataModule):
             linear probe: torchvision's default, bilinear). Evaluation resizes bicubic.
         tokenizer_interpolation: resize of the tokenizer view (BEiT's DALL-E view: lanczos; BEiT
             v2's VQ-KD: bicubic).
+        tokenizer_val_crop_pct: ``mode="tokenizer"`` validation view: ``None`` resizes the whole
+            short side (the training view without randomness); a number resizes the short side to
+            ``int(tokenizer_size / tokenizer_val_crop_pct)`` and crops the centre
+            (:class:`~beit_lightning.data.transforms.TokenizerEvalTransform`; official VQ-KD: 0.875).
         mask_exact_count: every mask has exactly ``num_masking_patches`` (``True``), or the official
             generator's early stop is kept (``False``: ~74.5 of 75 on average).
         repeated_aug: repeated augmentation (DeiT: 3): each image read gives this many differently
@@ -96,6 +109,10 @@ class BeitDataModule(pl.LightningDataModule):
             pixels within ~1 level, see benchmarks/RESULTS.md); the data sets then hand the
             transform undecoded images, whose decoding errors are skipped and counted like
             unreadable files. ``False``: the exact path (the official pixels). Validation stays exact.
+        device_augment: pre-training views computed on the device a batch at a time (decoding by
+            nvJPEG on a GPU; :class:`~.device_views.DeviceViews` in ``on_after_batch_transfer``):
+            the workers only read files, draw the randomness and the mask. Same draws as the CPU
+            paths. Off by default.
         masking: what ``mask`` holds in pre-training: ``"blockwise"`` (BEiT's masked patches),
             ``"split"`` (SplitMask: half B of a random split, drawn blockwise with
             :class:`~beit_lightning.data.RandomSplitGenerator`; ``num_masking_patches`` is its size)
@@ -129,9 +146,11 @@ class BeitDataModule(pl.LightningDataModule):
         std: Sequence[float] = BEIT_STD,
         train_interpolation: str = "bicubic",
         tokenizer_interpolation: str = "lanczos",
+        tokenizer_val_crop_pct: float | None = None,
         mask_exact_count: bool = True,
         repeated_aug: int = 1,
         fast_decode: bool = True,
+        device_augment: bool = False,
         masking: str = "blockwise",
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -151,6 +170,10 @@ class BeitDataModule(pl.LightningDataModule):
         if masking not in MASKINGS:
             raise ValueError(f"masking must be one of {MASKINGS}; got {masking!r}")
         self.masking = masking
+        if device_augment and mode != "pretrain":
+            raise ValueError(f"device_augment computes the pre-training views (mode='pretrain'); got mode={mode!r}: "
+                             "set data.device_augment=false")
+        self.device_views: DeviceViews | None = None
         if mode == "pretrain":
             grid = input_size // patch_size
             if masking == "blockwise":
@@ -167,8 +190,10 @@ class BeitDataModule(pl.LightningDataModule):
             self.train_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=scale,
                 color_jitter=color_jitter, hflip=hflip, mean=mean, std=std, tokenizer_interpolation=tokenizer_interpolation,
-                fast_decode=fast_decode,
+                fast_decode=fast_decode, device_augment=device_augment,
             )
+            if device_augment:
+                self.device_views = DeviceViews(self.train_transform)
             # Validation: the same masking on deterministic full-image views without colour augmentation.
             self.val_transform = BeitPretrainTransform(
                 input_size, tokenizer_size, self.mask_generator, scale=(1.0, 1.0), ratio=(1.0, 1.0),
@@ -179,9 +204,12 @@ class BeitDataModule(pl.LightningDataModule):
             self.train_transform = TokenizerViewTransform(
                 tokenizer_size, scale=scale, hflip=hflip, interpolation=tokenizer_interpolation
             )
-            self.val_transform = TokenizerViewTransform(
-                tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, interpolation=tokenizer_interpolation
-            )
+            if tokenizer_val_crop_pct is None:
+                self.val_transform = TokenizerViewTransform(
+                    tokenizer_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, interpolation=tokenizer_interpolation
+                )
+            else:
+                self.val_transform = TokenizerEvalTransform(tokenizer_size, tokenizer_val_crop_pct, tokenizer_interpolation)
         elif mode == "gan":  # whole images in [-1, 1] (mean/std 0.5), flips only: tasks.GANTraining
             self.mask_generator = None
             self.mean, self.std = tuple(mean), tuple(std)
@@ -203,8 +231,19 @@ class BeitDataModule(pl.LightningDataModule):
 
     @property
     def skipped_samples(self) -> int:
-        """Samples skipped because they could not be read or decoded (0 for map-style data)."""
-        return 0
+        """Samples skipped because they could not be read or decoded (for in-memory data: only
+        those the device could not decode, ``device_augment``)."""
+        return self._device_skipped
+
+    @property
+    def _device_skipped(self) -> int:
+        return self.device_views.skipped if self.device_views is not None else 0
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``device_augment``: the views of a training batch are computed here, on its device."""
+        if self.device_views is not None and isinstance(batch, dict) and "encoded" in batch:
+            return self.device_views(batch)
+        return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
         return DataLoader(
@@ -377,8 +416,9 @@ class ImageFolderDataModule(BeitDataModule):
     @property
     def skipped_samples(self) -> int:
         """Samples replaced because their file could not be read (see :class:`ImageFiles`), over
-        training and validation and all data-loader workers of this process."""
-        return self._skipped.value
+        training and validation and all data-loader workers of this process (and those the device
+        could not decode, ``device_augment``)."""
+        return self._skipped.value + self._device_skipped
 
     def _images(self, sub: str | None, required: bool) -> ImageFiles | None:
         path = os.path.join(self.root, sub) if sub else None
@@ -450,7 +490,7 @@ class ImageShardsDataModule(BeitDataModule):
 
     @property
     def skipped_samples(self) -> int:
-        return self._skipped.value
+        return self._skipped.value + self._device_skipped
 
     def _count(self, urls: list[str], given: int | None, what: str) -> int:
         if given is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -162,13 +163,16 @@ def resample_matrix(in_size: int, out_size: int, interpolation: InterpolationMod
     scale = length / out_size
     filter_scale = max(scale, 1.0)
     support *= filter_scale
+    center = start + (np.arange(out_size) + 0.5) * scale
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's int(): towards zero, as Pillow
+    hi = np.minimum((center + support + 0.5).astype(np.int64), in_size)
+    cols = lo[:, None] + np.arange(max(1, int((hi - lo).max())))[None, :]
+    used = cols < hi[:, None]
+    taps = np.where(used, kernel((cols - center[:, None] + 0.5) / filter_scale), 0.0)
+    total = taps.sum(1, keepdims=True)
+    taps = np.divide(taps, total, out=taps.copy(), where=total != 0)
     weights = np.zeros((out_size, in_size))
-    for i in range(out_size):
-        center = start + (i + 0.5) * scale
-        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
-        taps = kernel((np.arange(lo, hi) - center + 0.5) / filter_scale)
-        total = taps.sum()
-        weights[i, lo:hi] = taps / total if total != 0 else taps
+    weights[np.broadcast_to(np.arange(out_size)[:, None], cols.shape)[used], cols[used]] = taps[used]
     return torch.from_numpy(weights).float()
 
 
@@ -204,3 +208,55 @@ def resize_float(x: torch.Tensor, size: int, interpolation: InterpolationMode = 
     x = torch.cat([x[..., lo:hi] @ w.T for lo, hi, w in _row_blocks(width, size, interpolation, 7)], -1)
     x = x.clamp_(0, 255).round_()  # Pillow keeps the horizontal pass in 8 bits (clips the overshoot)
     return torch.cat([w @ x[..., lo:hi, :] for lo, hi, w in _row_blocks(height, size, interpolation, 4)], -2)
+
+
+# --- images carried undecoded to the device (``BeitPretrainTransform(device_augment=True)``) ------
+RAW_MAGIC = b"BLRAW\0"  # raw RGB pixels: magic, then height and width (little-endian uint32), then HWC bytes
+
+
+def image_payload(img: Image.Image) -> bytes:
+    """What a sample carries to the device instead of its views: the file's bytes for an undecoded
+    in-memory JPEG (decoded there, by nvJPEG on a GPU), else the RGB pixels decoded here, behind
+    :data:`RAW_MAGIC`. ``bytes``, so that the default collate keeps a list and Lightning's transfer
+    leaves it on the host (the decoder reads host memory)."""
+    data = encoded_bytes(img)
+    if data is not None:
+        return bytes(data)
+    rgb = np.asarray(img.convert("RGB"))
+    return RAW_MAGIC + struct.pack("<II", *rgb.shape[:2]) + rgb.tobytes()
+
+
+def _decode_payload(payload: bytes, device: torch.device) -> torch.Tensor:
+    if payload.startswith(RAW_MAGIC):
+        height, width = struct.unpack_from("<II", payload, len(RAW_MAGIC))
+        pixels = np.frombuffer(payload, np.uint8, offset=len(RAW_MAGIC) + 8).reshape(height, width, 3)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+
+
+def decode_payloads(payloads: list[bytes], device: torch.device | str) -> list[torch.Tensor | ImageDecodeError]:
+    """Decode :func:`image_payload` bytes to uint8 CxHxW tensors on ``device``: the JPEGs in one
+    batched call (nvJPEG's batched decoder on CUDA), one by one when that fails so that only the
+    bad ones are lost; a failure is returned in its place as an :class:`ImageDecodeError`."""
+    device = torch.device(device)
+    out: list[torch.Tensor | ImageDecodeError | None] = [None] * len(payloads)
+    jpegs = [i for i, p in enumerate(payloads) if not p.startswith(RAW_MAGIC)]
+    if len(jpegs) > 1 and decode_jpeg is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in jpegs],
+                                      mode=ImageReadMode.RGB, device=device)
+            for i, pixels in zip(jpegs, decoded, strict=True):
+                out[i] = pixels
+        except Exception:  # noqa: BLE001 - one bad file fails the batch: decode one by one below
+            pass
+    for i, payload in enumerate(payloads):
+        if out[i] is None:
+            try:
+                out[i] = _decode_payload(payload, device)
+            except Exception as err:  # noqa: BLE001 - whatever the decoder raises
+                out[i] = ImageDecodeError(f"cannot decode the image ({type(err).__name__}: {err})")
+    return out  # type: ignore[return-value]

@@ -51,6 +51,7 @@ from .decode import (
     decode_rgb,
     decode_tensor,
     draft_scale,
+    image_payload,
     is_undecoded_jpeg,
     pil_to_tensor,
     resize_float,
@@ -71,15 +72,21 @@ _INTERPOLATIONS = {
 }
 
 
-_THUMBNAIL_SIDE = 64  # contrast's whole-image grey mean is taken on about this many pixels a side
+THUMBNAIL_SIDE = 64  # contrast's whole-image grey mean is taken on about this many pixels a side
+# ``device_augment``: what a sample's ``params`` holds (jitter order: -1 where not drawn; factors: NaN)
+DEVICE_PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2", "order3",
+                 "brightness", "contrast", "saturation")
 
 
 _LUMA = torch.tensor((0.299, 0.587, 0.114))
 
 
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ``convert("L")`` of a CxHxW tensor of 8-bit levels (ITU-R 601-2 luma, rounded)."""
-    return torch.tensordot(_LUMA.to(x.device, x.dtype), x, dims=1).add_(0.5).floor_()
+def grey_levels(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ``convert("L")`` of a (N x) C x H x W tensor of 8-bit levels (ITU-R 601-2 luma,
+    rounded), with the channel dimension kept (size 1) to broadcast against ``x``."""
+    luma = _LUMA.to(x.device, x.dtype)
+    grey = torch.tensordot(luma, x, dims=1) if x.dim() == 3 else torch.einsum("c,nchw->nhw", luma, x)
+    return grey.add_(0.5).floor_().unsqueeze(-3)
 
 
 def _blend(x: torch.Tensor, base: torch.Tensor | float, factor: float) -> torch.Tensor:
@@ -109,10 +116,10 @@ def jitter_views(views: Sequence[torch.Tensor], params, whole: torch.Tensor) -> 
         if fn_id == 0:  # a blend with black: levels stay >= 0
             views = [v.mul_(brightness).clamp_(max=255).floor_() for v in views]
         elif fn_id == 1:
-            mean = float(torch.floor(_grey(views[-1]).mean() + 0.5))
+            mean = float(torch.floor(grey_levels(views[-1]).mean() + 0.5))
             views = [_blend(v, mean, contrast) for v in views]
         else:
-            views = [_blend(v, _grey(v), saturation) for v in views]
+            views = [_blend(v, grey_levels(v), saturation) for v in views]
     return views[:-1] if contrast_at is not None and contrast_at == len(steps) - 1 else views
 
 
@@ -140,6 +147,10 @@ class BeitPretrainTransform:
             the backbone view; colour jitter on the views; see the module's docstring). Same random
             draws and distribution; pixels differ by about a level. Give it the image from
             ``Image.open`` on in-memory bytes before ``convert``/``load`` to let it decode.
+        device_augment: return only the draws and the encoded image (``{"encoded", "params",
+            "mask"}``, see :meth:`device_sample`): decoding and the views happen on the device,
+            a batch at a time (:class:`~.device_views.DeviceViews`, which the DataModules run in
+            ``on_after_batch_transfer``). Same draws as the CPU paths.
     """
 
     def __init__(
@@ -156,8 +167,10 @@ class BeitPretrainTransform:
         interpolation: str = "bicubic",
         tokenizer_interpolation: str = "lanczos",
         fast_decode: bool = False,
+        device_augment: bool = False,
     ) -> None:
-        self.fast_decode = bool(fast_decode)
+        self.device_augment = bool(device_augment)
+        self.fast_decode = bool(fast_decode) or self.device_augment
         self.input_size = int(input_size)
         self.tokenizer_size = int(tokenizer_size)
         self.mask_generator = mask_generator
@@ -174,7 +187,7 @@ class BeitPretrainTransform:
         return (
             f"{type(self).__name__}(input_size={self.input_size}, tokenizer_size={self.tokenizer_size}, "
             f"scale={self.scale}, color_jitter={self.color_jitter is not None}, hflip={self.hflip}, "
-            f"mask_generator={self.mask_generator}, fast_decode={self.fast_decode})"
+            f"mask_generator={self.mask_generator}, fast_decode={self.fast_decode}, device_augment={self.device_augment})"
         )
 
     def crop_params(self, img: Image.Image) -> tuple[int, int, int, int]:
@@ -195,17 +208,39 @@ class BeitPretrainTransform:
         (at reduced size where it can) inside."""
         return self.fast_decode
 
+    def draw(self, img: Image.Image) -> tuple[tuple | None, bool, tuple[int, int, int, int]]:
+        """One sample's random draws, those of the exact path in its order: colour-jitter
+        parameters (``T.ColorJitter.get_params``, or ``None``), flip, crop ``(top, left, height,
+        width)`` on the full-resolution size, its box mirrored when flipped (the crop of the
+        flipped image is the flipped crop of the mirrored box)."""
+        jitter = self.color_jitter
+        params = T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) if jitter else None
+        flip = bool(self.hflip and torch.rand(()) < self.hflip)
+        top, left, height, width = self.crop_params(img)
+        if flip:
+            left = img.size[0] - left - width
+        return params, flip, (top, left, height, width)
+
+    def device_sample(self, img: Image.Image) -> dict:
+        """``device_augment``: the draws of :meth:`draw` packed as ``params`` (a float tensor of
+        :data:`DEVICE_PARAMS`; factors not drawn are NaN) and the image as ``encoded`` (the JPEG's
+        bytes, or raw pixels: :func:`~.decode.image_payload`); the views are computed on the
+        device from a whole batch (:class:`~.device_views.DeviceViews`)."""
+        params, flip, crop = self.draw(img)
+        order, factors = ([-1.0] * 4, [float("nan")] * 3) if params is None else (
+            params[0].tolist() + [-1.0] * (4 - len(params[0])), [float("nan") if f is None else float(f) for f in params[1:4]])
+        try:
+            payload = image_payload(img)
+        except Exception as err:  # noqa: BLE001 - as in fast_views: the data sets skip the sample
+            raise ImageDecodeError(f"cannot decode the image ({type(err).__name__}: {err})") from err
+        return {"encoded": payload, "params": torch.tensor([*crop, float(flip), *order, *factors], dtype=torch.float32)}
+
     def fast_views(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of :meth:`__call__`'s exact path, computed the fast way (module docstring).
 
         The draws are those of the exact path, in its order: colour-jitter parameters, flip, crop
         on the full-resolution size. Decoding errors are raised as :class:`~.decode.ImageDecodeError`."""
-        jitter = self.color_jitter
-        params = T.ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) if jitter else None
-        flip = bool(self.hflip and torch.rand(()) < self.hflip)
-        top, left, height, width = self.crop_params(img)
-        if flip:  # the crop of the flipped image is the flipped crop of the mirrored box
-            left = img.size[0] - left - width
+        params, flip, (top, left, height, width) = self.draw(img)
         try:
             if is_undecoded_jpeg(img) and draft_scale(img.size, (top, left, height, width), self.input_size) > 1:
                 views, whole = self._reduced_view(img, (top, left, height, width))
@@ -245,7 +280,7 @@ class BeitPretrainTransform:
         views = [resize_uint8(crop_pixels, self.input_size, self.interpolation)]
         if self._needs_own_tokenizer_view:
             views.append(resize_uint8(crop_pixels, self.tokenizer_size, self.tokenizer_interpolation))
-        step = max(1, min(pixels.shape[1:]) // _THUMBNAIL_SIDE)
+        step = max(1, min(pixels.shape[1:]) // THUMBNAIL_SIDE)
         return views, pixels[:, ::step, ::step]
 
     @property
@@ -265,10 +300,15 @@ class BeitPretrainTransform:
         if self._needs_own_tokenizer_view:
             sizes.append((self.tokenizer_size, self.tokenizer_interpolation))
         views = [pil_to_tensor(img.resize((size, size), PIL_RESAMPLE[mode], box=box)) for size, mode in sizes]
-        step = max(1, min(img.size) // _THUMBNAIL_SIDE)
+        step = max(1, min(img.size) // THUMBNAIL_SIDE)
         return views, pil_to_tensor(img)[:, ::step, ::step]
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        if self.device_augment:
+            sample = self.device_sample(img)
+            if self.mask_generator is not None:
+                sample["mask"] = self.mask_generator()
+            return sample
         if self.fast_decode:
             image, tokenizer_image = self.fast_views(img)
         else:
@@ -326,3 +366,31 @@ class GanImageTransform:
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), PIL_RESAMPLE[self.interpolation])
         return {"image": TF.normalize(TF.to_tensor(img), self.mean, self.std)}
+
+
+class TokenizerEvalTransform:
+    """PIL image -> ``{"tokenizer_image"}``: the evaluation view of BEiT v2's tokenizer training, in [0, 1].
+
+    The short side is resized to ``int(size / crop_pct)`` and the centre ``size`` x ``size`` is
+    cropped, as the official VQ-KD validation set does (microsoft/unilm ``beit2/datasets.py``
+    ``build_vqkd_dataset(is_train=False)``: ``crop_pct = 224 / 256`` below 384 pixels, else 1.0,
+    the resize with ``--train_interpolation``, no normalisation: the tokenizer normalises itself).
+    Cropping 87.5% of the short side keeps the scale of the 224px training crops; the whole-short-side
+    view of :class:`TokenizerViewTransform` shows objects smaller than training does.
+    """
+
+    def __init__(self, size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic") -> None:
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] (the official VQ-KD view: 0.875 = 224/256 below 384 px, "
+                             f"1.0 from 384 px); got {crop_pct}")
+        self.size, self.crop_pct = int(size), float(crop_pct)
+        self.resize_size = int(self.size / self.crop_pct)
+        self.interpolation = interpolation_mode(interpolation)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct}, resize={self.resize_size}, "
+                f"interpolation={self.interpolation.value})")
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = TF.resize(img.convert("RGB"), self.resize_size, self.interpolation)
+        return {"tokenizer_image": TF.to_tensor(TF.center_crop(img, [self.size, self.size]))}
