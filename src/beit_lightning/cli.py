@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.callbacks import ProgressBar
 
 from .callbacks import CheckpointMetadata
 from .checkpoints import load_checkpoint, newest_checkpoint
@@ -349,6 +350,8 @@ def train(cfg: DictConfig) -> float | None:
         log.info("initialised from %s\n%s", cfg.init_checkpoint, result.report())
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback with the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(CheckpointMetadata(OmegaConf.to_yaml(cfg, resolve=True)))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     if trainer.is_global_zero:
