@@ -26,7 +26,35 @@ import torch
 _TRIES_PER_BLOCK = 10
 
 
-class BlockwiseMaskGenerator:
+class MaskGrid:
+    """What every mask generator shares: the patch grid, the requested count (checked against the
+    grid) and the random stream (a private one with ``seed``, else the global ``random`` module,
+    which PyTorch and Lightning seed per data-loader worker and per rank)."""
+
+    def __init__(self, input_size: int | Sequence[int], num_masking_patches: int, *, seed: int | None = None) -> None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"input_size must be a positive int or (height, width); got {input_size}")
+        self.height, self.width = size
+        self.num_patches = self.height * self.width
+        if not 0 <= num_masking_patches <= self.num_patches:
+            raise ValueError(
+                f"num_masking_patches={num_masking_patches} is impossible on a {self.height}x{self.width} "
+                f"grid: choose a value in [0, {self.num_patches}]"
+            )
+        self.num_masking_patches = int(num_masking_patches)
+        self._rng: random.Random | None = None if seed is None else random.Random(seed)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def seed(self, seed: int) -> None:
+        """Give the generator a private random stream (e.g. per worker and rank)."""
+        self._rng = random.Random(seed)
+
+
+class BlockwiseMaskGenerator(MaskGrid):
     """Draw BEiT blockwise masks.
 
     Args:
@@ -55,18 +83,7 @@ class BlockwiseMaskGenerator:
         exact: bool = True,
         seed: int | None = None,
     ) -> None:
-        if isinstance(input_size, int):
-            input_size = (input_size, input_size)
-        input_size = tuple(int(s) for s in input_size)
-        if len(input_size) != 2 or min(input_size) < 1:
-            raise ValueError(f"input_size must be a positive int or (height, width); got {input_size}")
-        self.height, self.width = input_size
-        self.num_patches = self.height * self.width
-        if not 0 <= num_masking_patches <= self.num_patches:
-            raise ValueError(
-                f"num_masking_patches={num_masking_patches} is impossible on a {self.height}x{self.width} "
-                f"grid: choose a value in [0, {self.num_patches}]"
-            )
+        super().__init__(input_size, num_masking_patches, seed=seed)
         if min_num_patches < 1:
             raise ValueError(f"min_num_patches must be >= 1; got {min_num_patches}")
         if max_num_patches is not None and max_num_patches < min_num_patches:
@@ -84,22 +101,12 @@ class BlockwiseMaskGenerator:
             raise ValueError(
                 f"aspect ratio bounds must satisfy 0 < min_aspect <= max_aspect; got {min_aspect}, {max_aspect}"
             )
-        self.num_masking_patches = int(num_masking_patches)
         self.min_num_patches = int(min_num_patches)
         self.max_num_patches = int(max_num_patches)
         self.min_aspect = float(min_aspect)
         self.max_aspect = float(max_aspect)
         self.log_aspect_ratio = (math.log(self.min_aspect), math.log(self.max_aspect))
         self.exact = exact
-        self._rng: random.Random | None = None if seed is None else random.Random(seed)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    def seed(self, seed: int) -> None:
-        """Give the generator a private random stream (e.g. per worker and rank)."""
-        self._rng = random.Random(seed)
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +232,7 @@ class RandomSplitGenerator:
         return torch.from_numpy(mask.reshape(self.input_size))
 
 
-class RandomMaskGenerator:
+class RandomMaskGenerator(MaskGrid):
     """Draw uniformly random masks: exactly ``num_masking_patches`` patches, every subset of that
     size equally likely. The BEiT paper's "- blockwise masking" ablation (Table 4): the same number
     of masked patches as :class:`BlockwiseMaskGenerator`, without the blocks. The same interface,
@@ -236,28 +243,6 @@ class RandomMaskGenerator:
         num_masking_patches: how many patches to mask.
         seed: seed of a private random stream (``None``: the global ``random`` module).
     """
-
-    def __init__(self, input_size: int | Sequence[int], num_masking_patches: int, *, seed: int | None = None) -> None:
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"input_size must be a positive int or (height, width); got {input_size}")
-        self.height, self.width = size
-        self.num_patches = self.height * self.width
-        if not 0 <= num_masking_patches <= self.num_patches:
-            raise ValueError(
-                f"num_masking_patches={num_masking_patches} is impossible on a {self.height}x{self.width} "
-                f"grid: choose a value in [0, {self.num_patches}]"
-            )
-        self.num_masking_patches = int(num_masking_patches)
-        self._rng: random.Random | None = None if seed is None else random.Random(seed)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    def seed(self, seed: int) -> None:
-        """Give the generator a private random stream (e.g. per worker and rank)."""
-        self._rng = random.Random(seed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(input_size={self.input_size}, num_masking_patches={self.num_masking_patches})"
