@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-v2 test lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ demo: $(STAMP)
 	$(BIN)/beit-lightning experiment=smoke_tokenizer hydra.run.dir=$(DEMO_DIR)/tokenizer
 	$(BIN)/beit-lightning experiment=smoke tokenizer=dvae tokenizer.checkpoint=$(DEMO_DIR)/tokenizer/tokenizer.pt \
 		tokenizer.vocab_size=512 tokenizer.image_size=64 hydra.run.dir=$(DEMO_DIR)/pretrain
+
+DEMO_V2_DIR ?= outputs/demo_v2
+
+# BEiT v2 the same way: a micro VQ-KD distilled from a seeded micro teacher (no download), then
+# pre-training with the patch-aggregation head against its codes.
+demo-v2: $(STAMP)
+	rm -rf $(DEMO_V2_DIR)
+	$(BIN)/beit-lightning experiment=smoke_tokenizer_vqkd hydra.run.dir=$(DEMO_V2_DIR)/tokenizer
+	$(BIN)/beit-lightning experiment=smoke_beitv2 tokenizer=vqkd tokenizer.checkpoint=$(DEMO_V2_DIR)/tokenizer/tokenizer.pt \
+		tokenizer.vocab_size=64 tokenizer.image_size=64 hydra.run.dir=$(DEMO_V2_DIR)/pretrain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

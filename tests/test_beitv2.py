@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_lightning.beitv2_checkpoints import load_beitv2_checkpoint
-from beit_lightning.checkpoints import CheckpointMismatchError, export_timm
+from beit_lightning.checkpoints import CheckpointMismatchError, export_timm, load_checkpoint
 from beit_lightning.models.beitv2 import BeitV2ForMaskedImageModeling
 from beit_lightning.tasks import MaskedImageModelingV2
 from conftest import ColourTokenizer, micro_model
@@ -194,6 +194,12 @@ def test_our_v2_state_dict_round_trips_and_a_v1_file_is_refused_with_the_head_li
     with pytest.raises(CheckpointMismatchError, match=r"missing in checkpoint \(30\): cls_pt_layers.0.gamma_1"):
         load_beitv2_checkpoint(dst, {"model": v1})
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    with pytest.raises(CheckpointMismatchError, match=r"early_layers / head_layers / shared_lm_head .* a v1 file has no head"):
+        load_checkpoint(dst, {"model": v1})  # the one loader: the v2 hint where the head's keys do not fit
+    with pytest.raises(CheckpointMismatchError) as plain:
+        load_checkpoint(micro_model(vocab_size=VOCAB), {"model": {**v1, "lm_head.weight": torch.zeros(3, D)}})
+    assert "early_layers" not in str(plain.value)  # not for a model without the head
+    assert load_beitv2_checkpoint is load_checkpoint
     loose = load_beitv2_checkpoint(dst, {"model": v1}, strict=False)  # continue from v1: the head starts fresh
     assert all(k.startswith("cls_pt_layers.") for k in loose.missing) and len(loose.missing) == 30
     torch.testing.assert_close(dst.lm_head.weight, v1["lm_head.weight"])

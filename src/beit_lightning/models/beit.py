@@ -231,6 +231,15 @@ class BeitForMaskedImageModeling(nn.Module):
             return self._forward_features_vit(pixel_values, bool_masked_pos)
         if self.family == "xcit":
             return self._forward_features_xcit(pixel_values, bool_masked_pos)
+        return self.backbone.norm(self._forward_beit_blocks(pixel_values, bool_masked_pos)[0])
+
+    def _forward_beit_blocks(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, keep_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The BEiT backbone over masked inputs, stopping before the final norm: ``(last, kept,
+        rel_pos_bias)``, the last block's tokens, those after block ``keep_layer`` (1-based; ``None``
+        keeps none) and the shared relative position bias (``None`` without one). Heads built on top
+        (BEiT v2's patch aggregation) read an intermediate layer and run more blocks with the bias."""
         backbone = self.backbone
         x = backbone.patch_embed(pixel_values)
         batch, num_patches, _ = x.shape
@@ -241,12 +250,18 @@ class BeitForMaskedImageModeling(nn.Module):
             x = x + backbone.pos_embed
         x = backbone.pos_drop(x)
         rel_pos_bias = backbone.rel_pos_bias() if backbone.rel_pos_bias is not None else None
-        for block in backbone.blocks:
-            if backbone.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(block, x, rel_pos_bias, use_reentrant=False)
-            else:
-                x = block(x, shared_rel_pos_bias=rel_pos_bias)
-        return backbone.norm(x)
+        kept = None
+        for i, block in enumerate(backbone.blocks):
+            x = self._beit_block(block, x, rel_pos_bias)
+            if i + 1 == keep_layer:
+                kept = x
+        return x, kept, rel_pos_bias
+
+    def _beit_block(self, block: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
+        """One BEiT block with the shared relative position bias, under the backbone's activation checkpointing."""
+        if self.backbone.grad_checkpointing and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(block, x, rel_pos_bias, use_reentrant=False)
+        return block(x, shared_rel_pos_bias=rel_pos_bias)
 
     def _forward_features_vit(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone

@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from timm.models.beit import Block
 from torch import nn
 
@@ -127,33 +126,15 @@ class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
         if hasattr(self, "cls_pt_layers"):  # the base class calls this before the head exists
             self.reset_head_parameters()
 
-    def _block(self, block: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
-        if self.backbone.grad_checkpointing and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(block, x, rel_pos_bias, use_reentrant=False)
-        return block(x, shared_rel_pos_bias=rel_pos_bias)
-
     def forward_features_v2(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens, aggregated)``, both ``B x (1 + N) x D`` after their final norm: the backbone's
         output and the patch-aggregation head's (last-layer cls token + early-layer patches)."""
-        backbone = self.backbone
-        x = backbone.patch_embed(pixel_values)
-        batch, num_patches, _ = x.shape
-        w = bool_masked_pos.reshape(batch, num_patches, 1).to(x.dtype)
-        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat((backbone.cls_token.expand(batch, -1, -1).to(x.dtype), x), dim=1)
-        if backbone.pos_embed is not None:
-            x = x + backbone.pos_embed
-        x = backbone.pos_drop(x)
-        rel_pos_bias = backbone.rel_pos_bias() if backbone.rel_pos_bias is not None else None
-        early = x
-        for i, block in enumerate(backbone.blocks):
-            x = self._block(block, x, rel_pos_bias)
-            if i + 1 == self.early_layers:
-                early = x
+        x, early, rel_pos_bias = self._forward_beit_blocks(pixel_values, bool_masked_pos, keep_layer=self.early_layers)
         y = torch.cat((x[:, :1], early[:, 1:]), dim=1)
         for block in self.cls_pt_layers:
-            y = self._block(block, y, rel_pos_bias)
-        return backbone.norm(x), (backbone.norm(y) if self.shared_lm_head else self.cls_pt_norm(y))
+            y = self._beit_block(block, y, rel_pos_bias)
+        norm = self.backbone.norm
+        return norm(x), (norm(y) if self.shared_lm_head else self.cls_pt_norm(y))
 
     def forward_with_aggregation(
         self,

@@ -202,6 +202,11 @@ def load_checkpoint(
     missing from a pre-training checkpoint start fresh (``result.initialised``). With
     ``norm_to_fc_norm`` a pre-trained final norm initialises a mean-pooling model's ``fc_norm``
     (used by :func:`export_timm`); by default it is dropped, as the official fine-tuning does.
+
+    BEiT v2's patch-aggregation head (``cls_pt_layers.*``, ``cls_pt_norm.*``, ``cls_pt_lm_head.*``
+    of the official pre-training files) loads key for key into a model that has it
+    (:class:`~beit_lightning.models.beitv2.BeitV2ForMaskedImageModeling`; a file without it leaves
+    it ``missing``) and is ``dropped``, with the reason, for any other target.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path_or_state_dict = resolve_weights(path_or_state_dict)
@@ -280,10 +285,15 @@ def load_checkpoint(
             (result.initialised if fresh else result.missing).append(key)
 
     if strict and (result.missing or result.unexpected or result.mismatched):
+        v2_head = has_v2_head and any(k.startswith(V2_CLS_PRETRAINING_PREFIXES) for k in
+                                      result.missing + result.unexpected + [k for k, _, _ in result.mismatched])
         raise CheckpointMismatchError(
             f"the checkpoint does not fit {type(model).__name__}:\n{result.report()}\n"
             "Check that the model configuration (size, patch size, image size, vocab size, position "
             "embedding kind) matches the checkpoint, or pass strict=False to load the matching part."
+            + (" BEiT v2's patch-aggregation head: check early_layers / head_layers / shared_lm_head against the "
+               "checkpoint (official base: early_layers=9, head_layers=2, shared_lm_head=True); a v1 file has no "
+               "head (strict=False starts it fresh)." if v2_head else "")
         )
     model.load_state_dict(to_load, strict=False)
     return result
