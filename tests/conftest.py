@@ -13,6 +13,8 @@ from beit_lightning.models.tokenizers import VisualTokenizer
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # reference_beit and the other helpers
 
+from xdist_balance import pytest_collection_modifyitems, pytest_configure  # noqa: E402, F401 - the hooks
+
 
 class ColourTokenizer(VisualTokenizer):
     """A small deterministic tokenizer for tests: each 8x8 cell's mean colour quantised to
@@ -65,6 +67,41 @@ def _cache_dir(tmp_path_factory):
 
     os.environ["BEIT_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["BEIT_LIGHTNING_OFFLINE"] = "1"
+
+
+# The smoke pre-training run of several tests, made once per session: `experiment=smoke` on 64 images
+# for one epoch. Tests that use one mark themselves with its xdist group, so pytest-xdist runs them on
+# the worker that holds the fixture.
+SMOKE_PRETRAIN = ["experiment=smoke", "trainer.max_epochs=1", "data.num_train=64", "data.num_val=32",
+                  "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def smoke_console_run(tmp_path_factory):
+    """`beit-lightning experiment=smoke ...` as a user types it: the console script in a subprocess (one
+    thread, warnings shown), its folder and its completed process (return code, stdout, stderr)."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("smoke_console")
+    exe = Path(sys.executable).with_name("beit-lightning")
+    run = subprocess.run([str(exe), *SMOKE_PRETRAIN, f"hydra.run.dir={folder}"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return folder, run
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrain_run(tmp_path_factory):
+    """The same run through `cli.train` in this process (logging every step): its folder, its composed
+    configuration and the metric train() returned."""
+    from hydra import compose, initialize_config_module
+
+    from beit_lightning.cli import train
+
+    folder = tmp_path_factory.mktemp("smoke_pretrain")
+    with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*SMOKE_PRETRAIN, f"output_dir={folder}",
+                                                       "trainer.log_every_n_steps=1"])
+    return folder, cfg, train(cfg)
 
 
 def last_logged(csv_path, key: str) -> float:

@@ -74,10 +74,9 @@ def test_paper_recipe_values():
 
 
 @pytest.mark.slow
-def test_smoke_run_trains_and_writes_a_checkpoint(tmp_path):
-    cfg = _compose(["experiment=smoke", f"output_dir={tmp_path}", "trainer.max_epochs=1", "data.num_train=64",
-                    "data.num_val=32", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"])
-    metric = train(cfg)
+@pytest.mark.xdist_group("smoke_pretrain")
+def test_smoke_run_trains_and_writes_a_checkpoint(smoke_pretrain_run):
+    tmp_path, cfg, metric = smoke_pretrain_run  # experiment=smoke, 1 epoch on 64 images, through train()
     # train() returns the run's final val/loss (what sweepers optimise): the value logged last
     assert metric == pytest.approx(last_logged(tmp_path / "csv" / "metrics.csv", "val/loss"), rel=1e-6)
     assert 0 < metric < math.log(512) + 0.5  # a cross-entropy over the 512 tokens, not above chance
@@ -110,14 +109,13 @@ def test_config_errors_are_reported_before_any_work(overrides, message, tmp_path
 
 
 @pytest.mark.slow
-def test_console_script_runs_the_smoke_experiment(tmp_path):
+@pytest.mark.xdist_group("smoke_console")
+def test_console_script_runs_the_smoke_experiment(smoke_console_run, tmp_path):
+    folder, out = smoke_console_run  # `beit-lightning experiment=smoke ...` (1 epoch, 64 images) in a subprocess
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
     exe = Path(sys.executable).with_name("beit-lightning")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [str(exe), "experiment=smoke", "trainer.max_epochs=1", "data.num_train=64", "data.num_val=32",
-           "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     bad = subprocess.run([str(exe), "+task.lrr=1", f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "task.lrr is not an argument" in bad.stderr
 

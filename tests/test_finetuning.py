@@ -194,10 +194,9 @@ def test_mixup_and_ema_switch_by_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_then_finetune_and_probe_through_the_app(tmp_path):
-    train(_compose(["experiment=smoke", f"output_dir={tmp_path / 'pt'}", "data.num_train=64", "data.num_val=32",
-                    "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]))
-    ckpt = tmp_path / "pt" / "checkpoints" / "last.ckpt"
+@pytest.mark.xdist_group("smoke_pretrain")
+def test_pretrain_then_finetune_and_probe_through_the_app(tmp_path, smoke_pretrain_run):
+    ckpt = smoke_pretrain_run[0] / "checkpoints" / "last.ckpt"  # experiment=smoke, 1 epoch on 64 images
     acc = train(_compose(["experiment=smoke_finetune", f"init_checkpoint={ckpt}", f"output_dir={tmp_path / 'ft'}",
                           "data.num_train=64", "data.num_val=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                           "logger=csv"]))

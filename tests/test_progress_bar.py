@@ -3,6 +3,8 @@ synchronisation, only when it refreshes), and is left out when the trainer's bar
 
 from __future__ import annotations
 
+import contextlib
+
 from hydra import compose, initialize_config_module
 from pytorch_lightning.callbacks import TQDMProgressBar
 
@@ -21,10 +23,8 @@ def _trainer_callbacks(tmp_path, bar: bool, monkeypatch) -> list:
         cfg = compose(config_name="config", overrides=[
             "experiment=smoke", f"output_dir={tmp_path}", "data.num_train=16", "data.num_val=0",
             f"trainer.enable_progress_bar={str(bar).lower()}", "logger=csv"])
-    try:
+    with contextlib.suppress(SystemExit):
         cli.train(cfg)
-    except SystemExit:
-        pass
     return seen["callbacks"]
 
 

@@ -64,9 +64,22 @@ def _shards(tmp_path: Path) -> str:
     return str(folder / "shard-{000000..000003}.tar")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", ["generated", "shards", "accumulation", "segmentation", "splitmask", "gan"])
-def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, source):
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted RUN (3 epochs, 24 steps), made once and compared with by the tests of the
+    `straight_run` xdist group (pytest-xdist sends a group to one worker, which keeps this fixture)."""
+    folder = tmp_path_factory.mktemp("straight")
+    _run([*RUN, f"hydra.run.dir={folder}"])
+    return folder
+
+
+SHARES_STRAIGHT_RUN = pytest.mark.xdist_group("straight_run")
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("source", [pytest.param("generated", marks=SHARES_STRAIGHT_RUN), "shards", "accumulation",
+                                    "segmentation", "splitmask", "gan"])
+def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, source, request):
     args, kill_at, epoch_end = list(RUN), 10, "epoch001-step0000016.ckpt"  # step 10: batch 2 of epoch 1
     if source == "shards":
         args = [*COMMON, "data=imagenet_shards", f"data.train_urls='{_shards(tmp_path)}'", "data.batch_size=32",
@@ -84,8 +97,11 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, s
     if source == "accumulation":  # 7 batches per epoch, 2 per step: 4 steps per epoch (the last of 1 batch)
         args, kill_at, epoch_end = [*COMMON, "data.num_train=224", "data.num_val=32", "trainer.accumulate_grad_batches=2"], \
             5, "epoch001-step0000008.ckpt"  # step 5: batches 0-1 of epoch 1
-    straight = tmp_path / "straight"
-    _run([*args, f"hydra.run.dir={straight}"])
+    if source == "generated":
+        straight = request.getfixturevalue("straight_run")
+    else:
+        straight = tmp_path / "straight"
+        _run([*args, f"hydra.run.dir={straight}"])
     if source == "accumulation":  # every batch of every epoch trained: 3 x 4 steps
         assert torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
 
@@ -100,20 +116,22 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_bit_for_bit(tmp_path, s
 
 
 @pytest.mark.slow
-def test_exactly_one_last_ckpt_and_it_holds_the_newest_state(tmp_path):
-    # 16 steps in 2 epochs with a step checkpoint every 5: the last step checkpoint is at 15, training ends at 16
-    _run([*RUN, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["epoch000-step0000008.ckpt", "epoch001-step0000016.ckpt", "last.ckpt", "newest-step0000015.ckpt"]
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    epoch_end = torch.load(tmp_path / "checkpoints" / "epoch001-step0000016.ckpt", weights_only=True)
-    assert last["global_step"] == 16
+@SHARES_STRAIGHT_RUN
+def test_exactly_one_last_ckpt_and_it_holds_the_newest_state(straight_run):
+    # 24 steps in 3 epochs with a step checkpoint every 5: the last step checkpoint is at 20, training ends at 24
+    names = sorted(p.name for p in (straight_run / "checkpoints").iterdir())
+    assert names == ["epoch000-step0000008.ckpt", "epoch001-step0000016.ckpt", "epoch002-step0000024.ckpt", "last.ckpt",
+                     "newest-step0000020.ckpt"]
+    last = torch.load(straight_run / "checkpoints" / "last.ckpt", weights_only=True)
+    epoch_end = torch.load(straight_run / "checkpoints" / "epoch002-step0000024.ckpt", weights_only=True)
+    assert last["global_step"] == 24
     for key, value in epoch_end["state_dict"].items():
         assert torch.equal(value, last["state_dict"][key]), key
 
 
 @pytest.mark.slow
-def test_slurm_requeue_resumes_from_the_signal_checkpoint(tmp_path):
+@SHARES_STRAIGHT_RUN
+def test_slurm_requeue_resumes_from_the_signal_checkpoint(tmp_path, straight_run):
     """SLURM's SIGUSR1 at step 12 makes Lightning save hpc_ckpt_1.ckpt and call `scontrol requeue`; the
     requeued command (`ckpt_path=last`) must resume that step-12 state, not last.ckpt (step 10)."""
     bin_dir = tmp_path / "bin"
@@ -124,9 +142,6 @@ def test_slurm_requeue_resumes_from_the_signal_checkpoint(tmp_path):
     slurm = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
              "SLURM_JOB_NAME": "beit", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
              "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "2"}
-    straight = tmp_path / "straight"
-    _run([*RUN, f"hydra.run.dir={straight}"])
-
     run_dir = tmp_path / "job"
     signal_args = ["+callbacks.signal._target_=signal_at_step.SignalAtStep", "+callbacks.signal.step=12"]
     proc = subprocess.Popen([EXE, *RUN, *signal_args, f"hydra.run.dir={run_dir}"], env=slurm,
@@ -143,4 +158,4 @@ def test_slurm_requeue_resumes_from_the_signal_checkpoint(tmp_path):
 
     resumed = _run([*RUN, f"hydra.run.dir={run_dir}", "ckpt_path=last"], env=slurm)
     assert "hpc_ckpt_1.ckpt" in resumed.stdout + resumed.stderr
-    _assert_same_training_state(straight / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    _assert_same_training_state(straight_run / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")

@@ -39,7 +39,7 @@ def _tiny_teacher():
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=0)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_dvae_training_lowers_reconstruction_error_and_uses_codes(tmp_path):
     pl.seed_everything(0)
     tokenizer = DiscreteVAE(vocab_size=128, image_size=32, n_hid=32, n_blk_per_group=1, n_init=32,

@@ -191,11 +191,9 @@ def _tags(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_smoke_pretraining_logs_token_maps_predictions_and_attention(tmp_path):
-    run = subprocess.run(
-        [str(EXE / "beit-lightning"), "experiment=smoke", "trainer.max_epochs=1", "data.num_train=64", "data.num_val=32",
-         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, env=ENV, timeout=300)
+@pytest.mark.xdist_group("smoke_console")
+def test_smoke_pretraining_logs_token_maps_predictions_and_attention(smoke_console_run):
+    tmp_path, run = smoke_console_run  # `beit-lightning experiment=smoke ...` (1 epoch, 64 images), one thread
     assert run.returncode == 0, run.stderr[-3000:]
     assert {"val/tokens", "val/attention"} <= _tags(tmp_path)
     csv_dir = next(tmp_path.rglob("metrics.csv")).parent

@@ -310,32 +310,22 @@ def _fid(task: GANTraining, real: torch.Tensor, n: int = 512) -> float:
     return float(fid.compute())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_smoke_vitgan_learns_and_logs_fid_and_sample_grids(tmp_path):
     """experiment=smoke_vitgan through cli.train logs FID and sample grids, and learns.
 
-    A GAN's running losses are a game's (as the discriminator improves, the generator's loss on it
-    rises), so each loss is measured against a fixed opponent: the trained discriminator separates
-    the images from the final generator's samples better than the untrained one; a few generator
-    steps against the frozen final discriminator lower the generator's loss (its update descends its
-    loss); and the samples' FID (small feature net) falls far below the untrained generator's.
-    Measured over seeds 0, 1, 2 (the hand-off): FID ratio trained / untrained 0.16 / 0.10 / 0.11,
-    discriminator loss drop 0.31 / 0.20 / 0.23, generator loss drop in 20 steps 0.34 / 0.25 / 0.41;
-    the thresholds (0.5, 0.05, 0.1) sit well inside."""
+    A GAN's losses are a game's: at its equilibrium the discriminator cannot tell the samples from
+    the images (its loss is 2 ln 2, an untrained one's), so "the trained discriminator beats the
+    untrained one on the final samples" is no invariant (it failed on one CPU thread, 1.41 -> 1.58,
+    and on seeds 1 and 3). Learning is measured where it is monotone: the samples' FID (small
+    feature net) falls far below the untrained generator's, a fall the generator can only reach
+    through the discriminator's gradients; and each player's update descends its own loss against
+    the frozen other (20 Adam steps from the trained weights). Measured with one thread (as under
+    pytest-xdist) over seeds 0-4: FID ratio trained / untrained 0.25 / 0.12 / 0.22 / 0.12 / 0.42
+    (threshold 0.6); generator loss drop 0.48 / 0.48 / 0.65 / 0.48 / 0.23 (threshold 0.1);
+    discriminator loss drop 1.01 / 0.62 / 0.88 / 0.89 / 0.55 (threshold 0.2)."""
     import pytorch_lightning as pl
 
-    # Known fragility: this GAN's trajectory depends on the CPU kernels' reduction order, and with one
-    # thread (pytest-xdist workers) the discriminator-loss check failed once (1.41 -> 1.58) where two
-    # threads pass; run it with the two threads it was calibrated on until the check is made robust.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _smoke_vitgan_checks(tmp_path, pl)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _smoke_vitgan_checks(tmp_path, pl):
     cfg = _compose(["experiment=smoke_vitgan", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false"])
     metric = train(cfg)
     with open(tmp_path / "csv" / "metrics.csv") as f:
@@ -354,25 +344,35 @@ def _smoke_vitgan_checks(tmp_path, pl):
     trained.on_load_checkpoint({"state_dict": state})
     trained.load_state_dict(state)
     fid_untrained, fid_trained = _fid(untrained, real), _fid(trained, real)
-    assert fid_trained < 0.5 * fid_untrained, (fid_untrained, fid_trained)
+    assert fid_trained < 0.6 * fid_untrained, (fid_untrained, fid_trained)
 
     z = torch.randn(len(real), trained.generator.latent_dim, generator=torch.Generator().manual_seed(7))
-    d_start, d_end = untrained.discriminator.eval(), trained.discriminator.eval()
+    disc = trained.discriminator.eval().requires_grad_(False)
     with torch.no_grad():
-        fake = trained.generator(z)
-
-        def d_loss(disc):
-            return float(F.softplus(disc(fake)).mean() + F.softplus(-disc(real)).mean())
-
-        assert d_loss(d_end) < d_loss(d_start) - 0.05, (d_loss(d_start), d_loss(d_end))
-
-    d_end.requires_grad_(False)  # the generator's own objective, by its own descent, against a frozen opponent
+        fake = trained.generator(z)  # the final generator's samples, for the discriminator's turn below
     optimizer = torch.optim.Adam(trained.generator.parameters(), lr=5e-3, betas=tuple(cfg.task.betas))
     g_losses = []
-    for _ in range(20):
-        loss = F.softplus(-d_end(trained.generator(z[:64]))).mean()
+    for _ in range(20):  # the generator's own objective, by its own descent, against the frozen discriminator
+        loss = F.softplus(-disc(trained.generator(z[:64]))).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        g_losses.append(float(loss))
+        g_losses.append(float(loss.detach()))
     assert g_losses[-1] < g_losses[0] - 0.1, g_losses
+
+    def d_loss() -> torch.Tensor:
+        return F.softplus(disc(fake)).mean() + F.softplus(-disc(real)).mean()
+
+    with torch.no_grad():
+        d_before = float(d_loss())  # eval mode: ISN's power iteration frozen while measuring
+    disc.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=tuple(cfg.task.betas))
+    for _ in range(20):  # and the discriminator's, against the frozen final generator's samples
+        loss = d_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    disc.eval()
+    with torch.no_grad():
+        d_after = float(d_loss())
+    assert d_after < d_before - 0.2, (d_before, d_after)

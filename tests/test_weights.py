@@ -86,6 +86,16 @@ def cache(tmp_path, monkeypatch):
     return root
 
 
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty cache of this test's own, downloads still forbidden: what a test puts there (or finds
+    missing) does not depend on which tests ran before it in the session's shared cache."""
+    root = tmp_path / "offline_cache"
+    monkeypatch.setenv("BEIT_LIGHTNING_CACHE", str(root))
+    monkeypatch.setenv("BEIT_LIGHTNING_OFFLINE", "1")
+    return root
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
@@ -150,7 +160,7 @@ def _compose(overrides, output_dir):
     (["task=finetune", "model=beit_base", "init_checkpoint=beit_base_patch16_224_pt22k"], "beit_base_patch16_224_pt22k"),
     (["tokenizer=dall_e", "model=beit_base", "data.tokenizer_size=112"], "dall_e_encoder"),
 ])
-def test_a_name_without_network_and_cache_stops_before_any_work(overrides, name, tmp_path):
+def test_a_name_without_network_and_cache_stops_before_any_work(overrides, name, tmp_path, offline_cache):
     url = get_entry(name).url
     with pytest.raises(ConfigError) as err:
         train(_compose(overrides, tmp_path / "run"))
@@ -181,7 +191,7 @@ def _save_dall_e(path: Path, kind: str, **sizes) -> torch.nn.Module:
 
 
 @pytest.mark.slow
-def test_tokenizer_dall_e_with_its_file_in_the_cache_just_runs(tmp_path):
+def test_tokenizer_dall_e_with_its_file_in_the_cache_just_runs(tmp_path, offline_cache):
     """tokenizer=dall_e with no path: the registry's encoder.pkl, found in the cache (no request)."""
     _save_dall_e(Path(url_cache_path(get_entry("dall_e_encoder").url)), "encoder", n_hid=16, n_blk_per_group=1)
     _save_dall_e(Path(url_cache_path(get_entry("dall_e_decoder").url)), "decoder", n_hid=16, n_blk_per_group=1,
@@ -284,7 +294,7 @@ def test_every_backbone_entry_loads_into_the_model_its_config_builds(name, tmp_p
 
 
 @pytest.mark.slow
-def test_the_tokenizer_and_inception_entries_read_their_formats(tmp_path):
+def test_the_tokenizer_and_inception_entries_read_their_formats(tmp_path, offline_cache):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     pytest.importorskip("torch_fidelity")
