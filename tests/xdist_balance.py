@@ -60,7 +60,8 @@ def balanced_order(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
         units.setdefault(_unit(item), []).append(item)
     cost = {key: sum(estimated_seconds(i) for i in members) for key, members in units.items()}
     long_units = [k for k in units if len(units[k]) > 1 or estimated_seconds(units[k][0]) > FAST_SECONDS]
-    short = [units[k][0] for k in units if k not in set(long_units)]  # file order
+    long_set = set(long_units)
+    short = [units[k][0] for k in units if k not in long_set]  # in file order, as `units` is
 
     slices: list[list[pytest.Item]] = [[] for _ in range(workers)]
     load = [0.0] * workers
