@@ -104,11 +104,16 @@ def smoke_pretrain_run(tmp_path_factory):
     return folder, cfg, train(cfg)
 
 
-def last_logged(csv_path, key: str) -> float:
-    """The last value of ``key`` in a CSVLogger ``metrics.csv`` (what a run reported last)."""
+def logged(csv_path, key: str) -> list[float]:
+    """Every value of ``key`` in a CSVLogger ``metrics.csv``, in the order the run logged them."""
     import csv
 
     with open(csv_path) as f:
-        values = [row[key] for row in csv.DictReader(f) if row.get(key)]
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def last_logged(csv_path, key: str) -> float:
+    """The last value of ``key`` in a CSVLogger ``metrics.csv`` (what a run reported last)."""
+    values = logged(csv_path, key)
     assert values, f"{key} was never logged in {csv_path}"
-    return float(values[-1])
+    return values[-1]

@@ -262,13 +262,6 @@ def test_a_base_size_v2_finetuned_file_exports_to_timm_beitv2_base(tmp_path):
         torch.testing.assert_close(model(images), expected, atol=1e-3, rtol=1e-3)  # fp32 over 12 blocks
 
 
-def _logged(csv_path, key: str) -> list[float]:
-    import csv
-
-    with open(csv_path) as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
-
-
 @pytest.mark.slow(seconds=25)
 def test_smoke_beitv2_as_shipped_trains_both_losses_down(tmp_path):
     """`beit-lightning experiment=smoke_beitv2` as shipped (micro BEiT v2 with the patch-aggregation head,
@@ -281,16 +274,17 @@ def test_smoke_beitv2_as_shipped_trains_both_losses_down(tmp_path):
     from hydra import compose, initialize_config_module
 
     from beit_lightning.cli import train
+    from conftest import logged
 
     with initialize_config_module(config_module="beit_lightning.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "experiment=smoke_beitv2", f"output_dir={tmp_path}", "logger=csv", "trainer.enable_progress_bar=false"])
     train(cfg)
     metrics = next(tmp_path.rglob("metrics.csv"))
-    mim, head, total = (_logged(metrics, f"train/{k}") for k in ("loss_mim", "loss_aggregation", "loss"))
+    mim, head, total = (logged(metrics, f"train/{k}") for k in ("loss_mim", "loss_aggregation", "loss"))
     uniform = math.log(cfg.tokenizer.vocab_size)
     for losses in (mim, head):
         assert losses[0] > 0.93 * uniform, losses
         assert losses[-1] < 0.85 * uniform, losses
     assert total[-1] == pytest.approx(mim[-1] + head[-1], rel=1e-4)
-    assert _logged(metrics, "val/loss"), "validation did not run"
+    assert logged(metrics, "val/loss"), "validation did not run"
